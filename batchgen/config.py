@@ -1,0 +1,72 @@
+"""Engine configuration: one validated dataclass, the arguments of `LLM(...)` and the job's `engine:`.
+
+Imports nothing of batchgen so every layer can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "torch")
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m"  # alias, local HF directory, or .gguf file
+    dtype: str = "auto"  # auto: bf16 on GPUs and on CPUs with AVX512-BF16/AMX, else fp32
+    device: str = "auto"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 256  # most requests in one step
+    max_num_batched_tokens: int | None = None  # token budget per step; None: 2048 on CPU, 8192 on GPU
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # overrides the memory budget
+    kv_cache_memory: float | None = None  # GiB for the KV pool; None: sized from free memory
+    gpu_memory_utilization: float = 0.9  # share of GPU memory batchgen may use (weights + KV)
+    attention_backend: str = "auto"
+    enable_prefix_caching: bool = True
+    seed: int = 0  # seeds the sampler of requests without their own seed
+    tokenizer: str | None = None  # defaults to the model's own
+
+    def __post_init__(self) -> None:
+        def check(cond: bool, name: str, allowed: str) -> None:
+            if not cond:
+                raise ValueError(f"engine.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        check(isinstance(self.model, str) and bool(self.model), "model", "a model alias, directory or .gguf path")
+        check(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}")
+        check(self.device in DEVICES, "device", f"one of {', '.join(DEVICES)}")
+        check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
+              f"one of {', '.join(ATTENTION_BACKENDS)}")
+        check(self.max_model_len is None or _pos_int(self.max_model_len), "max_model_len", "an int >= 1")
+        check(_pos_int(self.max_num_seqs), "max_num_seqs", "an int >= 1")
+        check(self.max_num_batched_tokens is None or _pos_int(self.max_num_batched_tokens),
+              "max_num_batched_tokens", "an int >= 1")
+        check(_pos_int(self.block_size) and self.block_size % 8 == 0 and self.block_size <= 256,
+              "block_size", "a multiple of 8 up to 256")
+        check(self.num_kv_blocks is None or (_pos_int(self.num_kv_blocks) and self.num_kv_blocks >= 2),
+              "num_kv_blocks", "an int >= 2")
+        check(self.kv_cache_memory is None or (isinstance(self.kv_cache_memory, (int, float))
+                                               and self.kv_cache_memory > 0),
+              "kv_cache_memory", "a number of GiB > 0")
+        check(isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1,
+              "gpu_memory_utilization", "a number in (0, 1]")
+        check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", "true or false")
+        check(isinstance(self.seed, int), "seed", "an int")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        unknown = sorted(set(kwargs) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown engine argument(s) {unknown}; allowed: {', '.join(cls.field_names())}")
+        return cls(**kwargs)
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1

@@ -1,0 +1,330 @@
+"""Engine (add_request / step, streaming finished outputs) and the LLM facade (generate, chat).
+
+The engine owns the model, the KV pool, the scheduler and the runner. It knows nothing of files:
+the job layer feeds it through `add_request` and drains `step()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from batchgen.cache.kv_manager import KVCacheManager
+from batchgen.config import EngineConfig
+from batchgen.detokenizer import IncrementalDetokenizer
+from batchgen.exec.model_runner import ModelRunner
+from batchgen.models.loader import iter_safetensors, pick_dtype, read_eos_token_ids, resolve_model
+from batchgen.models.registry import model_class
+from batchgen.request import Request
+from batchgen.sampling import CompletionOutput, RequestOutput, SamplingParams
+from batchgen.sched.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger("batchgen")
+
+GiB = 1 << 30
+
+
+@dataclass
+class _Group:
+    """The n child requests of one user request, reported together once all have finished."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    lora: str | None
+    children: list[Request]
+    detokenizers: dict[str, IncrementalDetokenizer] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
+    num_finished: int = 0
+
+    def child(self, request_id: str) -> Request:
+        return next(c for c in self.children if c.request_id == request_id)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, **kwargs):
+        self.config = config = config or EngineConfig.from_kwargs(**kwargs)
+        self.device = _pick_device(config.device)
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.model_dir = resolve_model(config.model)
+        self.hf_config = AutoConfig.from_pretrained(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or self.model_dir)
+        self.eos_token_ids = read_eos_token_ids(self.model_dir, self.hf_config)
+        self.vocab_size = self.hf_config.vocab_size
+        self.dtype = pick_dtype(config.dtype, self.device)
+        self.model = self._load_model()
+
+        self.block_size = config.block_size
+        num_blocks = self._num_kv_blocks()
+        self.max_model_len = self._max_model_len(num_blocks)
+        self.kv_caches = self._allocate_kv(num_blocks)
+        self.kv = KVCacheManager(num_blocks, self.block_size, config.enable_prefix_caching)
+        budget = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, budget, self.max_model_len), self.kv)
+        self.runner = ModelRunner(self.model, self.kv_caches, self.block_size, self.device, config.seed)
+
+        self._groups: dict[str, _Group] = {}  # by child request id
+        self._ready: list[RequestOutput] = []  # finished outside a step (bad input)
+        self._counters = dict(steps=0, generated_tokens=0, requests_finished=0, request_errors=0,
+                              forward_seconds=0.0, step_seconds=0.0)
+        logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+                    config.model, self.device, self.dtype, num_blocks, self.block_size, self.max_model_len)
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def _load_model(self) -> torch.nn.Module:
+        cls = model_class(self.hf_config)
+        with torch.device("meta"):
+            model = cls(self.hf_config)  # no random init: every weight comes from the checkpoint
+        model = model.to(dtype=self.dtype).to_empty(device=self.device)
+        model.load_weights(iter_safetensors(self.model_dir))
+        return model.eval()
+
+    def _kv_bytes_per_block(self) -> int:
+        m = self.model
+        return 2 * len(m.layers) * self.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+
+    def _num_kv_blocks(self) -> int:
+        c = self.config
+        if c.num_kv_blocks:
+            return c.num_kv_blocks
+        if c.kv_cache_memory:
+            budget = c.kv_cache_memory * GiB
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            activations = 2 * GiB  # forward at the token budget plus logits, with room to spare
+            budget = total * c.gpu_memory_utilization - (total - free) - activations
+        else:
+            budget = min(4 * GiB, 0.25 * _available_memory())
+        blocks = int(budget // self._kv_bytes_per_block())
+        if blocks < 2:
+            raise ValueError(f"no memory left for the KV cache (budget {budget / GiB:.2f} GiB); "
+                             "lower max_num_batched_tokens or set kv_cache_memory / num_kv_blocks")
+        return blocks
+
+    def _max_model_len(self, num_blocks: int) -> int:
+        limit = getattr(self.hf_config, "max_position_embeddings", None) or 4096
+        length = self.config.max_model_len or limit
+        window = getattr(self.hf_config, "sliding_window", None)
+        if window and getattr(self.hf_config, "use_sliding_window", True) and length > window:
+            raise ValueError(f"max_model_len {length} exceeds the model's sliding window {window}, which "
+                             "batchgen does not implement; set max_model_len <= {window}")
+        capacity = num_blocks * self.block_size
+        if length > capacity:
+            logger.warning("max_model_len %d capped to the KV pool's %d tokens", length, capacity)
+            length = capacity
+        return length
+
+    def _allocate_kv(self, num_blocks: int) -> list[torch.Tensor]:
+        m = self.model
+        shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in m.layers]
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    lora: str | None = None) -> None:
+        """Queue a request. Bad input never raises: it comes back from the next step() with `error` set."""
+        params = params or SamplingParams()
+        text = prompt if isinstance(prompt, str) else None
+        try:
+            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        except Exception as e:  # a tokenizer failure is this row's problem, not the batch's
+            self._ready.append(_error_output(request_id, text, [], f"tokenization failed: {e}"))
+            return
+        error = self._check_prompt(token_ids, lora)
+        if error:
+            self._ready.append(_error_output(request_id, text, token_ids, error))
+            return
+        children = []
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            seed = None if params.seed is None else params.seed + i
+            children.append(Request(child_id, token_ids, params, self.eos_token_ids, lora, seed))
+        group = _Group(request_id, text, token_ids, lora, children)
+        for child in children:
+            if params.stop:
+                group.detokenizers[child.request_id] = IncrementalDetokenizer(
+                    self.tokenizer, token_ids, params.stop, params.skip_special_tokens)
+            self._groups[child.request_id] = group
+            self.scheduler.add(child)
+
+    def _check_prompt(self, token_ids: list[int], lora: str | None) -> str | None:
+        if not token_ids:
+            return "empty prompt"
+        if len(token_ids) > self.max_model_len:
+            return f"prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}"
+        if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in token_ids):
+            bad = next(t for t in token_ids if not isinstance(t, int) or t < 0 or t >= self.vocab_size)
+            return f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})"
+        if lora is not None:
+            return f"LoRA adapter {lora!r} requested, but this engine has no adapters loaded"
+        return None
+
+    def has_unfinished(self) -> bool:
+        return bool(self._ready) or self.scheduler.has_unfinished()
+
+    def num_unfinished(self) -> int:
+        return len(self._ready) + len({id(g) for g in self._groups.values()})
+
+    def abort_all(self) -> None:
+        """Drop every request in flight; none of them is reported."""
+        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.finish(req, "abort")
+        self._groups.clear()
+        self._ready.clear()
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step and return the requests that finished in it."""
+        outputs, self._ready = self._ready, []
+        if not self.scheduler.has_unfinished():
+            return outputs
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            raise RuntimeError("scheduler made no progress: the KV pool cannot hold even one request")
+        t1 = time.perf_counter()
+        model_out = self.runner.execute(sched)
+        t2 = time.perf_counter()
+        finished = self.scheduler.update(sched, model_out)
+        self._counters["generated_tokens"] += len(model_out.token_ids)
+
+        # Stop strings: detokenize incrementally only the requests that have them.
+        for row, token in zip((r for r in sched.scheduled if r.sample), model_out.token_ids):
+            group = self._groups.get(row.request_id)
+            if group is None or not group.detokenizers:
+                continue
+            hit = group.detokenizers[row.request_id].append(token)
+            req = group.child(row.request_id)
+            if hit is None or req.num_output_tokens < req.params.min_tokens:
+                continue
+            at, req.stop_reason = hit
+            group.texts[req.request_id] = group.detokenizers[req.request_id].text[:at]
+            if req.finished:
+                req.finish_reason = "stop"  # its last token both ended it and completed a stop string
+            else:
+                self.scheduler.finish(req, "stop")
+                finished.append(req)
+        for req in finished:
+            out = self._on_finished(req)
+            if out is not None:
+                outputs.append(out)
+        self._counters["steps"] += 1
+        self._counters["forward_seconds"] += t2 - t1
+        self._counters["step_seconds"] += time.perf_counter() - t0
+        return outputs
+
+    def _on_finished(self, req: Request) -> RequestOutput | None:
+        group = self._groups.pop(req.request_id)
+        group.num_finished += 1
+        if group.num_finished < len(group.children):
+            return None
+        completions = []
+        for i, child in enumerate(group.children):
+            text = group.texts.get(child.request_id)
+            if text is None:
+                text = self.tokenizer.decode(child.output_token_ids,
+                                             skip_special_tokens=child.params.skip_special_tokens)
+            completions.append(CompletionOutput(i, text, child.output_token_ids, child.finish_reason,
+                                                child.logprobs, child.stop_reason))
+        self._counters["requests_finished"] += 1
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
+                             num_cached_tokens=group.children[0].num_cached_tokens, lora=group.lora)
+
+    def stats(self) -> dict:
+        s = dict(self._counters)
+        sched = self.scheduler
+        s.update(prompt_tokens=sched.num_prompt_tokens, cached_prompt_tokens=sched.num_cached_prompt_tokens,
+                 computed_prompt_tokens=sched.num_prompt_tokens - sched.num_cached_prompt_tokens,
+                 prefix_cache_hit_rate=(sched.num_cached_prompt_tokens / sched.num_prompt_tokens
+                                        if sched.num_prompt_tokens else 0.0),
+                 preemptions=sched.num_preemptions, running=len(sched.running), waiting=len(sched.waiting),
+                 kv_blocks=self.kv.num_blocks, kv_blocks_free=self.kv.num_free_blocks)
+        return s
+
+
+class LLM:
+    """vLLM's offline API: `LLM(model=...).generate(prompts, sampling_params)`."""
+
+    def __init__(self, model: str = "smollm2-135m", **engine_args):
+        self.engine = Engine(EngineConfig.from_kwargs(model=model, **engine_args))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """prompts: a string, a token-id list, or a list of either. Returns outputs in input order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            self.engine.add_request(str(i), prompt, p or SamplingParams())
+        return self._run(len(prompts), use_tqdm)
+
+    def chat(self, conversations, sampling_params=None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """conversations: one list of {"role", "content"} messages, or a list of them."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      **(chat_template_kwargs or {}))
+                   for c in conversations]
+        token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        outputs = self.generate(token_ids, sampling_params, use_tqdm)
+        for out, prompt in zip(outputs, prompts):
+            out.prompt = prompt
+        return outputs
+
+    def _run(self, num: int, use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm.auto import tqdm
+
+        results: list[RequestOutput | None] = [None] * num
+        bar = tqdm(total=num, desc="generate", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        start, tokens = time.perf_counter(), 0
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                results[int(out.request_id)] = out
+                tokens += out.num_generated_tokens
+                bar.update(1)
+            if use_tqdm:
+                stats = self.engine.stats()
+                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}",
+                                hit=f"{stats['prefix_cache_hit_rate']:.0%}", refresh=False)
+        bar.close()
+        return results
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+
+def _error_output(request_id: str, prompt: str | None, token_ids: list[int], error: str) -> RequestOutput:
+    return RequestOutput(request_id, prompt, token_ids, [CompletionOutput(0, "", [], "error")], error=error)
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2

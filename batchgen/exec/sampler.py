@@ -1,0 +1,107 @@
+"""Token sampling for a batch of rows with per-row parameters.
+
+Order of operations, per row: min_tokens suppression of stop ids, then greedy (temperature 0) or
+temperature -> top-k -> top-p -> min-p -> draw. A draw is argmax(p / E) with E ~ Exp(1) drawn from the
+row's own generator when it has a seed (the same text whatever else is in the batch) and from the
+engine's shared generator otherwise: argmax(p_i / E_i) picks token i with probability p_i.
+Logprobs are the model's raw log-softmax, before temperature and filters (as vLLM reports them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from batchgen.sched.output import ScheduledRequest
+
+
+class Sampler:
+    def __init__(self, seed: int, device: torch.device):
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.row_generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.row_generators.pop(rid, None)
+
+    def _row_generator(self, row: ScheduledRequest) -> torch.Generator:
+        gen = self.row_generators.get(row.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device).manual_seed(row.seed)
+            self.row_generators[row.request_id] = gen
+        return gen
+
+    def __call__(self, logits: torch.Tensor, rows: list[ScheduledRequest]
+                 ) -> tuple[list[int], list[dict[int, float] | None]]:
+        """logits: [rows, vocab] fp32. Returns the sampled token and, where asked, top logprobs per row."""
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in rows):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)  # [rows, vocab]
+
+        for i, r in enumerate(rows):
+            if r.num_output_tokens < r.params.min_tokens and r.stop_ids:
+                logits[i, list(r.stop_ids)] = float("-inf")
+
+        tokens = logits.argmax(dim=-1)  # [rows]; greedy rows are done here
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if random_rows:
+            tokens[random_rows] = self._sample(logits[random_rows], [rows[i] for i in random_rows])
+        token_list = tokens.tolist()
+
+        logprobs: list[dict[int, float] | None] = [None] * len(rows)
+        if raw_logprobs is not None:
+            for i, r in enumerate(rows):
+                if r.params.logprobs is None:
+                    continue
+                entry = {}
+                if r.params.logprobs > 0:
+                    top = raw_logprobs[i].topk(r.params.logprobs)
+                    entry = dict(zip(top.indices.tolist(), top.values.tolist()))
+                entry[token_list[i]] = raw_logprobs[i, token_list[i]].item()
+                logprobs[i] = entry
+        return token_list, logprobs
+
+    def _sample(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> torch.Tensor:
+        probs = filtered_probs(logits, rows)  # [rows, vocab]
+        noise = torch.empty_like(probs)
+        shared = []
+        for i, r in enumerate(rows):
+            if r.seed is None:
+                shared.append(i)
+            else:
+                noise[i].exponential_(generator=self._row_generator(r))
+        if shared:
+            noise[shared] = torch.empty((len(shared), probs.shape[1]), device=probs.device).exponential_(
+                generator=self.generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def filtered_probs(logits: torch.Tensor, rows: list[ScheduledRequest]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p applied to logits [rows, vocab]; returns probabilities."""
+    device = logits.device
+    temperature = torch.tensor([r.params.temperature for r in rows], device=device, dtype=logits.dtype)
+    logits = logits / temperature.unsqueeze(1)
+    vocab = logits.shape[1]
+
+    top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
+    if min(top_k) < vocab:
+        k = torch.tensor(top_k, device=device)
+        kth = logits.topk(max(top_k), dim=-1).values.gather(1, (k - 1).unsqueeze(1))  # [rows, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+
+    top_p = [r.params.top_p for r in rows]
+    if min(top_p) < 1.0:
+        p = torch.tensor(top_p, device=device, dtype=logits.dtype).unsqueeze(1)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of strictly better tokens
+        drop = mass_before >= p  # keep the smallest set of top tokens whose mass reaches top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+    probs = logits.softmax(dim=-1)
+    min_p = [r.params.min_p for r in rows]
+    if max(min_p) > 0.0:
+        threshold = torch.tensor(min_p, device=device, dtype=probs.dtype).unsqueeze(1) * probs.amax(1, keepdim=True)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs

@@ -1,0 +1,230 @@
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3) over a flat, unpadded token batch.
+
+One implementation, switched by config flags: Qwen2 adds a q/k/v bias, Qwen3 an RMSNorm on each
+query/key head. q/k/v and gate/up are fused into one GEMM each, the layout the matmul wants; the
+loader splits HF checkpoints into those fused weights. Numerics follow HF (RMSNorm in fp32, RoPE
+tables in fp32) so greedy outputs match HF `generate` token for token in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchgen.exec.attention import AttentionMetadata, paged_attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_parameters(config) -> tuple[float, dict | None]:
+    """(theta, scaling) from a transformers config, v4 (`rope_theta` + `rope_scaling`) or v5 (`rope_parameters`)."""
+    params = getattr(config, "rope_parameters", None)
+    if params:
+        params = dict(params)
+        theta = params.pop("rope_theta", getattr(config, "rope_theta", 10000.0))
+        kind = params.get("rope_type", params.get("type", "default"))
+        return float(theta), (None if kind == "default" else params)
+    scaling = getattr(config, "rope_scaling", None)
+    return float(getattr(config, "rope_theta", 10000.0)), (dict(scaling) if scaling else None)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)  # [tokens, heads, head_dim]
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # [tokens, kv_heads, head_dim]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [tokens, heads, head_dim]
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.intermediate = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=bias)
+        self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, qkv_bias, o_bias, qk_norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama, and by flags Mistral, Qwen2 (qkv bias) and Qwen3 (q/k norm)."""
+
+    qkv_bias = False  # always a q/k/v bias (Qwen2); else config.attention_bias decides for q/k/v/o
+    qk_norm = False
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias, o_bias = (True, False) if self.qkv_bias else (attention_bias, attention_bias)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias, o_bias, self.qk_norm)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if not self.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        attn = self.layers[0].self_attn
+        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        # Not a buffer: tables are built on first use, in fp32, on the device of the weights.
+        self.inv_freq = rope_inv_freq(self.head_dim, *rope_parameters(config))  # [head_dim / 2]
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rope_tables(self, max_len: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [positions, head_dim] up to max_len, computed in fp32 as HF does, then cast."""
+        if self._rope_cache is None or self._rope_cache[0].shape[0] < max_len:
+            max_len = max(max_len, 2 * (self._rope_cache[0].shape[0] if self._rope_cache else 1024))
+            pos = torch.arange(max_len, device=like.device, dtype=torch.float32)
+            freqs = torch.outer(pos, self.inv_freq.to(like.device))
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope_cache = (emb.cos().to(like.dtype), emb.sin().to(like.dtype))
+        return self._rope_cache
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [tokens]; returns hidden states [tokens, hidden] before the final norm."""
+        x = self.embed_tokens(input_ids)
+        cos_table, sin_table = self.rope_tables(meta.max_position + 1, x)
+        cos = cos_table[positions].unsqueeze(1)  # [tokens, 1, head_dim]
+        sin = sin_table[positions].unsqueeze(1)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [rows, hidden] -> fp32 logits [rows, vocab]."""
+        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        return F.linear(self.norm(hidden), weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the fused layout; every parameter must be filled exactly once."""
+        params = dict(self.named_parameters())
+        fused = {  # HF name part -> (our name part, shard index, shard sizes)
+            "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+        }
+        attn = self.layers[0].self_attn
+        shard_sizes = {"qkv_proj": [attn.q_size, attn.kv_size, attn.kv_size],
+                       "gate_up_proj": [self.config.intermediate_size] * 2}
+        filled: dict[str, int] = {}
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            parts = name.split(".")
+            shard = None
+            for i, part in enumerate(parts):
+                if part in fused:
+                    parts[i], shard = fused[part]
+                    fused_part = parts[i]
+            name = ".".join(parts)
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {type(self).__name__}")
+            param = params[name]
+            if shard is None:
+                target = param.data
+            else:
+                sizes = shard_sizes[fused_part]
+                start = sum(sizes[:shard])
+                target = param.data.narrow(0, start, sizes[shard])
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(target.shape)}")
+            target.copy_(tensor)
+            filled[name] = filled.get(name, 0) + 1
+        expected = {n: (3 if "qkv_proj" in n else 2 if "gate_up_proj" in n else 1) for n in params}
+        missing = sorted(n for n, k in expected.items() if filled.get(n, 0) != k)
+        if missing:
+            raise ValueError(f"checkpoint is missing tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    qkv_bias = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True

@@ -1,0 +1,41 @@
+"""What the scheduler tells the model runner, and what the runner answers: plain data only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from batchgen.sampling import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    request_id: str
+    token_ids: list[int]  # the tokens to compute this step
+    start_pos: int  # their first position (= num_computed_tokens before the step)
+    block_ids: list[int]  # the request's whole block table
+    sample: bool  # the chunk reaches the last known token: sample the next one
+    params: SamplingParams
+    seed: int | None
+    num_output_tokens: int  # generated so far (min_tokens suppresses stop ids until reached)
+    stop_ids: frozenset[int] = frozenset()
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]  # rows with one token first, then multi-token chunks
+    finished_ids: list[str] = field(default_factory=list)  # finished since the last step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+@dataclass
+class ModelOutput:
+    # One entry per scheduled request with sample=True, in the scheduled order.
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
