@@ -70,7 +70,7 @@ class Engine:
         self._groups: dict[str, _Group] = {}  # by child request id
         self._ready: list[RequestOutput] = []  # finished outside a step (bad input)
         self._counters = dict(steps=0, generated_tokens=0, requests_finished=0, request_errors=0,
-                              forward_seconds=0.0, step_seconds=0.0)
+                              runner_seconds=0.0, step_seconds=0.0)
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     config.model, self.device, self.dtype, num_blocks, self.block_size, self.max_model_len)
 
@@ -99,7 +99,7 @@ class Engine:
             activations = 2 * GiB  # forward at the token budget plus logits, with room to spare
             budget = total * c.gpu_memory_utilization - (total - free) - activations
         else:
-            budget = min(4 * GiB, 0.25 * _available_memory())
+            budget = min(2 * GiB, 0.2 * _available_memory())
         blocks = int(budget // self._kv_bytes_per_block())
         if blocks < 2:
             raise ValueError(f"no memory left for the KV cache (budget {budget / GiB:.2f} GiB); "
@@ -134,10 +134,12 @@ class Engine:
         try:
             token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         except Exception as e:  # a tokenizer failure is this row's problem, not the batch's
+            self._counters["request_errors"] += 1
             self._ready.append(_error_output(request_id, text, [], f"tokenization failed: {e}"))
             return
-        error = self._check_prompt(token_ids, lora)
+        error = self._check_request(token_ids, params, lora)
         if error:
+            self._counters["request_errors"] += 1
             self._ready.append(_error_output(request_id, text, token_ids, error))
             return
         children = []
@@ -153,7 +155,7 @@ class Engine:
             self._groups[child.request_id] = group
             self.scheduler.add(child)
 
-    def _check_prompt(self, token_ids: list[int], lora: str | None) -> str | None:
+    def _check_request(self, token_ids: list[int], params: SamplingParams, lora: str | None) -> str | None:
         if not token_ids:
             return "empty prompt"
         if len(token_ids) > self.max_model_len:
@@ -161,6 +163,9 @@ class Engine:
         if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in token_ids):
             bad = next(t for t in token_ids if not isinstance(t, int) or t < 0 or t >= self.vocab_size)
             return f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})"
+        bad_stops = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad_stops:
+            return f"stop_token_ids {bad_stops} are outside the vocabulary [0, {self.vocab_size})"
         if lora is not None:
             return f"LoRA adapter {lora!r} requested, but this engine has no adapters loaded"
         return None
@@ -216,7 +221,7 @@ class Engine:
             if out is not None:
                 outputs.append(out)
         self._counters["steps"] += 1
-        self._counters["forward_seconds"] += t2 - t1
+        self._counters["runner_seconds"] += t2 - t1
         self._counters["step_seconds"] += time.perf_counter() - t0
         return outputs
 
@@ -244,7 +249,8 @@ class Engine:
                  computed_prompt_tokens=sched.num_prompt_tokens - sched.num_cached_prompt_tokens,
                  prefix_cache_hit_rate=(sched.num_cached_prompt_tokens / sched.num_prompt_tokens
                                         if sched.num_prompt_tokens else 0.0),
-                 preemptions=sched.num_preemptions, running=len(sched.running), waiting=len(sched.waiting),
+                 model_seconds=self.runner.model_seconds, preemptions=sched.num_preemptions,
+                 running=len(sched.running), waiting=len(sched.waiting),
                  kv_blocks=self.kv.num_blocks, kv_blocks_free=self.kv.num_free_blocks)
         return s
 

@@ -7,6 +7,7 @@ The batch is one flat sequence of tokens without padding: `input_ids`, `position
 from __future__ import annotations
 
 import itertools
+import time
 
 import torch
 
@@ -22,6 +23,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler(seed, device)
+        self.model_seconds = 0.0  # in the model's forward and LM head; the rest of a step is overhead
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
@@ -77,10 +79,15 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
         self.sampler.forget(sched.finished_ids)
         input_ids, positions, meta, sample_idx = self.prepare(sched)
+        t = time.perf_counter()
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [tokens, hidden]
         sampled_rows = [r for r in sched.scheduled if r.sample]
         if not sampled_rows:
+            self.model_seconds += time.perf_counter() - t
             return ModelOutput([], [])
         logits = self.model.compute_logits(hidden[sample_idx])  # [sampled rows, vocab] fp32
+        if logits.is_cuda:
+            torch.cuda.synchronize()
+        self.model_seconds += time.perf_counter() - t
         tokens, logprobs = self.sampler(logits, sampled_rows)
         return ModelOutput(tokens, logprobs)

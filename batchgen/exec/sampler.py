@@ -95,7 +95,7 @@ def filtered_probs(logits: torch.Tensor, rows: list[ScheduledRequest]) -> torch.
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of strictly better tokens
-        drop = mass_before >= p  # keep the smallest set of top tokens whose mass reaches top_p
+        drop = (mass_before >= p) & (p < 1.0)  # keep the smallest set of top tokens whose mass reaches top_p
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
     probs = logits.softmax(dim=-1)

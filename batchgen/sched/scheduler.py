@@ -22,6 +22,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    admission_window: int = 512  # waiting requests considered per step for longest-prefix-first admission
 
 
 class Scheduler:
@@ -68,25 +69,9 @@ class Scheduler:
                 plan.append((req, n))
                 budget -= n
 
-        # Waiting requests, in order, while budget, sequence slots and blocks last. After a
-        # preemption the pool is tight: admitting more would only thrash.
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            hits = self.kv.match_prefix(req) if req.num_computed_tokens == 0 else []
-            remaining = req.num_tokens - req.num_computed_tokens - len(hits) * self.kv.block_size
-            n = min(remaining, budget)
-            if not self.kv.allocate(req, n, hits):
-                break
-            self.waiting.popleft()
-            if not req.admitted:
-                req.admitted = True
-                req.num_cached_tokens = len(hits) * self.kv.block_size
-                self.num_prompt_tokens += req.num_prompt_tokens
-                self.num_cached_prompt_tokens += req.num_cached_tokens
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            plan.append((req, n))
-            budget -= n
+        # After a preemption the pool is tight: admitting more would only thrash.
+        if self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            self._admit(budget, plan)
 
         plan.sort(key=lambda p: p[1] != 1)  # one-token rows first: they share one batched attention
         scheduled = [
@@ -107,6 +92,52 @@ class Scheduler:
         out = SchedulerOutput(scheduled, self._finished_ids)
         self._finished_ids = []
         return out
+
+    def _admit(self, budget: int, plan: list[tuple[Request, int]]) -> None:
+        """Admit waiting requests from a window at the head of the queue, longest cached prefix
+        first, while budget, sequence slots and blocks last. A request whose next uncached block is
+        being computed by another request right now waits for it (it will hit the cache next step)
+        instead of computing the same prefix twice in one batch."""
+        bs = self.kv.block_size
+        window = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.config.admission_window))]
+        matched = [(req, self.kv.match_prefix(req) if req.num_computed_tokens == 0 else []) for req in window]
+        sharing = self.kv.radix is not None
+        if sharing:
+            matched.sort(key=lambda m: -len(m[1]))  # stable: the queue's order among equals
+        # Blocks some running request is computing now, keyed by the whole prefix they complete.
+        in_progress = {self._next_block_key(r, r.num_computed_tokens // bs) for r in self.running
+                       if r.num_tokens - r.num_computed_tokens > 1} if sharing else set()
+        admitted: set[int] = set()
+        for req, hits in matched:
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            key = self._next_block_key(req, len(hits)) if sharing else None
+            if key is not None and key in in_progress:
+                continue  # follow the request computing this prefix
+            remaining = req.num_tokens - req.num_computed_tokens - len(hits) * bs
+            n = min(remaining, budget)
+            if not self.kv.allocate(req, n, hits):
+                break
+            if key is not None:
+                in_progress.add(key)
+            admitted.add(id(req))
+            if not req.admitted:
+                req.admitted = True
+                req.num_cached_tokens = len(hits) * bs
+                self.num_prompt_tokens += req.num_prompt_tokens
+                self.num_cached_prompt_tokens += req.num_cached_tokens
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            plan.append((req, n))
+            budget -= n
+        self.waiting.extendleft(reversed([r for r in window if id(r) not in admitted]))
+
+    def _next_block_key(self, req: Request, num_blocks: int) -> tuple | None:
+        """(adapter, tokens through block num_blocks) when that block lies inside the tokens to compute."""
+        end = (num_blocks + 1) * self.kv.block_size
+        if end > req.num_tokens - 1:
+            return None
+        return req.lora, tuple(req.token_ids[:end])
 
     def update(self, sched: SchedulerOutput, out: ModelOutput) -> list[Request]:
         """Advance the scheduled requests by the computed tokens and the sampled ones; return the

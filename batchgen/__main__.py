@@ -1,0 +1,5 @@
+"""`python -m batchgen ...` is `batchgen ...`."""
+
+from batchgen.cli import main
+
+main()

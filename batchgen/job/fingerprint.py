@@ -1,0 +1,52 @@
+"""What makes two runs the same job: resuming is only sound when all of this is unchanged.
+
+Row keys are (shard index, row index), so the shard list (names, formats, sizes) is part of it;
+so is everything that changes a row's output (model, sampling, engine settings, prompt columns,
+error policy, kept columns). Commit cadence and the grouping window are not: they change when
+rows are written, not what is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from batchgen.job.shards import Shard
+from batchgen.job.spec import JobSpec
+
+
+def job_fingerprint(spec: JobSpec, shards: list[Shard]) -> dict[str, Any]:
+    """A JSON-plain dict (lists, not tuples), so it compares equal to the copy read from the manifest."""
+    inp = spec.input
+    fingerprint = {
+        "model": {"path": spec.model.path, "dtype": spec.model.dtype},
+        "sampling": dataclasses.asdict(spec.sampling),
+        "engine": dict(sorted(spec.engine.items())),
+        "input": {
+            "format": inp.format, "id_column": inp.id_column, "prompt_column": inp.prompt_column,
+            "messages_column": inp.messages_column, "system_prompt": inp.system_prompt, "split": inp.split,
+            "shards": [[s.name, s.format, s.size] for s in shards],
+        },
+        "output": {"keep_columns": list(spec.output.keep_columns)
+                   if isinstance(spec.output.keep_columns, tuple) else spec.output.keep_columns},
+        "on_error": spec.on_error,
+    }
+    return json.loads(json.dumps(fingerprint))
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 5) -> list[str]:
+    """Human-readable changes, e.g. "sampling.max_tokens: 8 -> 16"."""
+    a, b = _flatten(old), _flatten(new)
+    changes = [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
+               for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return changes[:limit] + ([f"... and {len(changes) - limit} more"] if len(changes) > limit else [])
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}

@@ -1,0 +1,172 @@
+"""Turn a window of rows into engine requests: validate, render, tokenize, then sort by prefix.
+
+Offline we know many rows ahead, so we can order them: sorting a window by token ids is a
+depth-first walk of the prefix trie, so rows that share a system prompt or few-shot block run
+back to back and hit the engine's radix cache instead of recomputing the shared prefix.
+
+Every way a row can be unusable is decided here, before the engine sees it, so that
+on_error: fail can stop before generating anything of that row's window.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from batchgen.job.reader import SAMPLING_FIELDS, Row
+from batchgen.job.spec import JobSpec
+from batchgen.sampling import SamplingParams
+
+_INT_FIELDS = {"n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs"}
+
+
+class RowError(ValueError):
+    """Why one row cannot be generated; becomes that row's `error`."""
+
+
+@dataclass(slots=True)
+class Planned:
+    row: Row
+    token_ids: array | None = None  # int32: a window holds ~4 bytes per token, not ~36 as a list would
+    params: SamplingParams | None = None
+    error: str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return 0 if self.token_ids is None else len(self.token_ids)
+
+
+class Planner:
+    def __init__(self, tokenizer: Any, max_model_len: int, spec: JobSpec):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.defaults = spec.sampling
+        self.system_prompt = spec.input.system_prompt
+        self.prompt_column = spec.input.prompt_column or "prompt"
+        self.messages_column = spec.input.messages_column or "messages"
+        self.list_output = spec.list_output
+        self.with_logprobs = spec.with_logprobs
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def windows(self, rows: Iterable[Row], size: int) -> Iterator[list[Planned]]:
+        window: list[Row] = []
+        for row in rows:
+            window.append(row)
+            if len(window) >= size:
+                yield self.plan(window)
+                window = []
+        if window:
+            yield self.plan(window)
+
+    def plan(self, rows: list[Row]) -> list[Planned]:
+        """Bad rows first (input order), then the good ones sorted by token ids."""
+        bad: list[Planned] = []
+        chat: list[tuple[Planned, str]] = []
+        plain: list[tuple[Planned, str]] = []
+        for row in rows:
+            item = Planned(row)
+            try:
+                if row.error is not None:
+                    raise RowError(row.error)
+                item.params = self.row_params(row.data)
+                if row.messages is not None:
+                    chat.append((item, self._render(row.messages)))
+                else:
+                    plain.append((item, self._prompt(row)))
+            except RowError as e:
+                item.error = str(e)
+                bad.append(item)
+        # Chat templates already contain the special tokens they need (BOS, role markers), as in vLLM's chat().
+        good = self._tokenize(chat, add_special_tokens=False) + self._tokenize(plain, add_special_tokens=True)
+        for item in good:
+            n = len(item.token_ids)
+            if n >= self.max_model_len:
+                item.error = (f"prompt has {n} tokens, but max_model_len is {self.max_model_len} "
+                              "and at least one token must be generated")
+        bad += [item for item in good if item.error]
+        good = sorted((item for item in good if not item.error), key=lambda item: item.token_ids)
+        return bad + good
+
+    def row_params(self, data: dict[str, Any]) -> SamplingParams:
+        """The job's sampling defaults with this row's columns of the same names applied."""
+        changes = {}
+        for name in SAMPLING_FIELDS.intersection(data):
+            value = data[name]
+            if value is None:
+                continue
+            if name in _INT_FIELDS and isinstance(value, float) and value.is_integer():
+                value = int(value)  # a nullable int column comes back from pandas-written files as float
+            changes[name] = value
+        if not changes:
+            return self.defaults
+        try:
+            params = self.defaults.replace(**changes)
+        except (TypeError, ValueError) as e:
+            raise RowError(f"invalid per-row sampling value: {e}") from None
+        # One output schema per job: a row cannot turn generated_text into a list or add logprobs.
+        if params.n > 1 and not self.list_output:
+            raise RowError(f"n={params.n} needs sampling.n > 1 in the job file "
+                           "(generated_text is a string column in this job)")
+        if params.logprobs is not None and not self.with_logprobs:
+            raise RowError("logprobs needs sampling.logprobs in the job file (the output has no logprobs column)")
+        return params
+
+    def _prompt(self, row: Row) -> str:
+        prompt = row.prompt
+        if prompt is None:
+            raise RowError(f"no prompt: the row has neither {self.messages_column!r} nor {self.prompt_column!r}")
+        if not isinstance(prompt, str):
+            raise RowError(f"{self.prompt_column!r} must be a string, got {type(prompt).__name__}")
+        if not prompt:
+            raise RowError(f"{self.prompt_column!r} is empty")
+        return prompt
+
+    def _render(self, messages: Any) -> str:
+        if not self.has_chat_template:
+            raise RowError("the model's tokenizer has no chat template; use prompt rows")
+        messages = _chat_messages(messages, self.messages_column)
+        if self.system_prompt is not None and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.system_prompt})  # the row's own one wins
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template raising on one row (jinja errors, bad roles) is that row's error
+            raise RowError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+    def _tokenize(self, items: list[tuple[Planned, str]], add_special_tokens: bool) -> list[Planned]:
+        if not items:
+            return []
+        # One batched call: fast tokenizers encode the whole window in parallel.
+        encoded = self.tokenizer([text for _, text in items], add_special_tokens=add_special_tokens)["input_ids"]
+        for (item, _), ids in zip(items, encoded):
+            item.token_ids = array("i", ids)
+            if not ids:
+                item.error = "the prompt encodes to no tokens"
+        return [item for item, _ in items]
+
+
+def _chat_messages(value: Any, column: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise RowError(f"{column!r} must be a non-empty list of {{role, content}} objects, "
+                       f"got {_describe(value)}")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise RowError(f"{column}[{i}] must be an object with role and content, got {_describe(message)}")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role:
+            raise RowError(f"{column}[{i}].role must be a non-empty string, got {_describe(role)}")
+        if not isinstance(content, (str, list)):
+            raise RowError(f"{column}[{i}].content must be a string, got {_describe(content)}")
+        # Parquet structs carry every key of every message; a None key is one this message lacks.
+        messages.append({k: v for k, v in message.items() if v is not None})
+    return messages
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list) and not value:
+        return "an empty list"
+    return type(value).__name__

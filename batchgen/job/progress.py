@@ -1,0 +1,57 @@
+"""Progress on stderr while a job runs, and the summary it ends with."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tqdm import tqdm
+
+_REFRESH_S = 0.5
+
+
+class Progress:
+    """rows done/total, output tok/s and the prefix-cache hit rate; silent when quiet."""
+
+    def __init__(self, total: int | None, done: int, quiet: bool, engine_stats: Callable[[], dict[str, Any]]):
+        self.bar = tqdm(total=total, initial=done, unit="row", disable=quiet, file=sys.stderr,
+                        dynamic_ncols=True, smoothing=0.05)
+        self.engine_stats = engine_stats
+        self._start = time.perf_counter()
+        self._tokens_before = engine_stats().get("generated_tokens", 0)  # an engine may be reused across jobs
+        self._last_refresh = 0.0
+
+    def advance(self, rows: int) -> None:
+        if self.bar.disable:
+            return
+        if rows:
+            self.bar.update(rows)
+        now = time.perf_counter()
+        if now - self._last_refresh >= _REFRESH_S:
+            self._last_refresh = now
+            s = self.engine_stats()
+            tokens = s.get("generated_tokens", 0) - self._tokens_before
+            self.bar.set_postfix_str(
+                f"{tokens / max(now - self._start, 1e-9):.0f} tok/s, "
+                f"prefix hit {s.get('prefix_cache_hit_rate', 0.0):.0%}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def format_summary(stats: dict[str, Any]) -> str:
+    run, job = stats["run"], stats["job"]
+    total = "?" if job["rows_total"] is None else job["rows_total"]
+    state = {None: "complete" if job["complete"] else "incomplete"}.get(stats["interrupted"],
+                                                                         f"stopped by {stats['interrupted']}")
+    lines = [
+        f"batchgen: {state}: {job['rows_done']}/{total} rows in {stats['output']} "
+        f"({job['errors']} errors, {job['skipped']} skipped)",
+        f"  this run: {run['rows']} rows ({run['errors']} errors, {run['skipped']} skipped) in "
+        f"{run['wall_time_s']:.1f}s ({run['generation_time_s']:.1f}s generating); "
+        f"{run['generated_tokens']} tokens generated, {run['output_tokens_per_s']:.1f} tok/s; "
+        f"prefix-cache hit rate {run['prefix_cache_hit_rate']:.1%}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""The output table: one Arrow schema per job, and one record per input row.
+
+The schema is fixed before the first part is written and stored in the manifest, because every
+part must have the same schema for pyarrow.dataset and datasets.load_dataset to read the output as
+one table. Parquet and HF inputs declare their column types; JSONL does not, so the types of kept
+columns are inferred once from the first window.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+
+from batchgen.job.planner import Planned
+from batchgen.job.reader import Row
+from batchgen.job.spec import OUTPUT_COLUMNS, JobSpec
+from batchgen.sampling import CompletionOutput, RequestOutput
+
+logger = logging.getLogger("batchgen")
+
+_TOKEN_LOGPROB = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])
+# Per generated token, as in OpenAI's format: the sampled token, its logprob, the top alternatives.
+_LOGPROB_ENTRY = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32()),
+                            ("top_logprobs", pa.list_(_TOKEN_LOGPROB))])
+
+
+class OutputSchema:
+    def __init__(self, kept: pa.Schema, list_output: bool, with_logprobs: bool):
+        self.kept = kept
+        self.list_output = list_output
+        self.with_logprobs = with_logprobs
+        text = pa.list_(pa.string()) if list_output else pa.string()
+        fields = [pa.field("id", pa.string()), *kept,
+                  pa.field("generated_text", text), pa.field("finish_reason", text),
+                  pa.field("num_prompt_tokens", pa.int64()), pa.field("num_generated_tokens", pa.int64()),
+                  pa.field("num_cached_tokens", pa.int64()), pa.field("error", pa.string())]
+        if with_logprobs:
+            entries = pa.list_(_LOGPROB_ENTRY)
+            fields.append(pa.field("logprobs", pa.list_(entries) if list_output else entries))
+        # The input position of each row: merge restores input order from it, resume checks against it.
+        fields += [pa.field("_shard_index", pa.int32()), pa.field("_row_index", pa.int64())]
+        self.arrow = pa.schema(fields)
+
+    @classmethod
+    def for_job(cls, spec: JobSpec, input_schema: pa.Schema | None, first_rows: list[Row]) -> "OutputSchema":
+        return cls(_kept_schema(spec, input_schema, first_rows), spec.list_output, spec.with_logprobs)
+
+    # ---- records --------------------------------------------------------------------------------
+
+    def success(self, item: Planned, out: RequestOutput) -> dict[str, Any]:
+        if out.error is not None:  # the engine refused the request: still one row, with the reason
+            return self.failure(item.row, out.error, len(out.prompt_token_ids))
+        texts = [c.text for c in out.outputs]
+        reasons = [c.finish_reason for c in out.outputs]
+        record = self._base(item.row)
+        record.update(generated_text=texts if self.list_output else texts[0],
+                      finish_reason=reasons if self.list_output else reasons[0],
+                      num_prompt_tokens=len(out.prompt_token_ids),
+                      num_generated_tokens=out.num_generated_tokens,
+                      num_cached_tokens=out.num_cached_tokens)
+        if self.with_logprobs:
+            k = item.params.logprobs or 0
+            entries = [_logprob_entries(c, k) for c in out.outputs]
+            record["logprobs"] = entries if self.list_output else entries[0]
+        return record
+
+    def failure(self, row: Row, error: str, num_prompt_tokens: int = 0) -> dict[str, Any]:
+        record = self._base(row)
+        record.update(finish_reason=["error"] if self.list_output else "error", num_prompt_tokens=num_prompt_tokens,
+                      num_generated_tokens=0, num_cached_tokens=0, error=error)
+        return record
+
+    def _base(self, row: Row) -> dict[str, Any]:
+        record = {"id": row.id, "error": None, "_shard_index": row.shard, "_row_index": row.index}
+        for name in self.kept.names:
+            record[name] = row.data.get(name)
+        return record
+
+    def table(self, records: list[dict[str, Any]]) -> pa.Table:
+        return pa.table([_to_array([r.get(f.name) for r in records], f) for f in self.arrow], schema=self.arrow)
+
+    # ---- persistence (the manifest keeps it so that a resumed run writes the same schema) -------
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kept": base64.b64encode(self.kept.serialize().to_pybytes()).decode("ascii"),
+                "list_output": self.list_output, "with_logprobs": self.with_logprobs}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "OutputSchema":
+        kept = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(data["kept"])))
+        return cls(kept, data["list_output"], data["with_logprobs"])
+
+
+def _kept_schema(spec: JobSpec, input_schema: pa.Schema | None, rows: list[Row]) -> pa.Schema:
+    keep = spec.output.keep_columns
+    if keep == "none":
+        return pa.schema([])
+    if keep == "all":
+        names = input_schema.names if input_schema is not None else _keys_in_order(r.data for r in rows)
+        dropped = [n for n in names if n in OUTPUT_COLUMNS and n != spec.input.id_column]
+        if dropped:
+            logger.warning("input columns %s are not passed through: output columns have those names", dropped)
+        # The id column is already the output's `id`.
+        names = [n for n in names if n not in OUTPUT_COLUMNS and n != spec.input.id_column]
+    else:
+        names = list(keep)
+    fields = []
+    for name in names:
+        if input_schema is not None and name in input_schema.names:
+            typ = input_schema.field(name).type
+        else:
+            typ = pa.array([r.data.get(name) for r in rows]).type
+            typ = pa.string() if pa.types.is_null(typ) else typ  # all null so far: text is the likeliest
+        fields.append(pa.field(name, typ))
+    return pa.schema(fields)
+
+
+def _keys_in_order(dicts: Iterable[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for d in dicts:
+        seen.update(dict.fromkeys(d))
+    return list(seen)
+
+
+def _to_array(values: list[Any], f: pa.Field) -> pa.Array:
+    try:
+        return pa.array(values, type=f.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        pass
+    # A JSONL value that does not fit the type inferred from the first window: null it rather than
+    # lose the whole part, and say so.
+    fitted = [v if _fits(v, f.type) else None for v in values]
+    logger.warning("column %r: %d value(s) do not fit its type %s and were written as null",
+                   f.name, sum(1 for a, b in zip(values, fitted) if a is not None and b is None), f.type)
+    return pa.array(fitted, type=f.type)
+
+
+def _fits(value: Any, typ: pa.DataType) -> bool:
+    try:
+        pa.array([value], type=typ)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        return False
+
+
+def _logprob_entries(completion: CompletionOutput, k: int) -> list[dict[str, Any]]:
+    entries = []
+    for token, candidates in zip(completion.token_ids, completion.logprobs or []):
+        top = sorted(candidates.items(), key=lambda kv: -kv[1])[:k]
+        entries.append({"token_id": token, "logprob": candidates.get(token),
+                        "top_logprobs": [{"token_id": t, "logprob": lp} for t, lp in top]})
+    return entries

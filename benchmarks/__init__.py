@@ -1,0 +1,1 @@
+"""`batchgen bench`: batchgen against its peers on the same model, machine and run."""

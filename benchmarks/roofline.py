@@ -1,0 +1,31 @@
+"""The machine's own limits, measured in the same run: GEMM peak and model FLOPs per token."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def gemm_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def flops_per_token(model: torch.nn.Module) -> float:
+    """2 * matmul parameters (projections + LM head); attention's context term is left out."""
+    params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    if getattr(model, "tie_word_embeddings", False):
+        params += model.embed_tokens.weight.numel()  # the LM head reuses the embedding
+    return 2.0 * params

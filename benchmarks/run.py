@@ -1,0 +1,104 @@
+"""Run every workload on batchgen and its peers, each in its own process (clean peak memory),
+and report throughput, ratios and utilisation against the GEMM peak measured first.
+
+    batchgen bench [--quick] [--out bench-results] [--dtype bfloat16] [--peers batchgen,hf-static,hf-batch]
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import workloads as W
+
+PEERS = ("batchgen", "hf-static", "hf-batch")
+
+
+def run_one(peer: str, workload: str, quick: bool, dtype: str) -> dict:
+    """One (peer, workload) measurement in this process."""
+    from batchgen.models.loader import resolve_model
+    from benchmarks import peers
+
+    wl = {w.name: w for w in W.all_workloads(quick)}[workload]
+    model_dir = resolve_model("smollm2-135m")
+    if peer == "batchgen":
+        r = peers.run_batchgen(model_dir, dtype, wl)
+    elif peer == "hf-static":
+        r = peers.run_hf_static(model_dir, dtype, wl, [8] if quick else [32, 64])
+    else:
+        r = peers.run_hf_generate_batch(model_dir, dtype, wl)
+    r.update(peer=peer, workload=workload, output_tokens=wl.output_tokens, input_tokens=wl.input_tokens,
+             rows=len(wl.prompts), peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return r
+
+
+def main(quick: bool = False, out: str = "bench-results", dtype: str = "bfloat16",
+         peers: tuple[str, ...] = PEERS, workloads: tuple[str, ...] = ("W1", "W2", "W3")) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from benchmarks.roofline import gemm_peak_flops
+
+    peak = gemm_peak_flops(torch.bfloat16 if dtype == "bfloat16" else torch.float32, device)
+    print(f"GEMM peak ({dtype}, 2048^3) on {device}: {peak / 1e9:.0f} GFLOP/s", flush=True)
+    results = []
+    for wl in workloads:
+        for peer in peers:
+            cmd = [sys.executable, "-m", "benchmarks.run", "--one", peer, wl, "--dtype", dtype] + \
+                  (["--quick"] if quick else [])
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{wl} {peer}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                results.append(dict(peer=peer, workload=wl, error=proc.stderr[-500:]))
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["output_tok_s"] = r["output_tokens"] / r["wall"]
+            r["total_tok_s"] = (r["output_tokens"] + r["input_tokens"]) / r["wall"]
+            results.append(r)
+            print(f"{wl} {peer:10s} {r['output_tok_s']:8.1f} out tok/s  ({time.perf_counter() - t:.0f}s)", flush=True)
+    report = _report(results, peak, dtype, device, quick)
+    print(report)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "results.json").write_text(json.dumps(dict(gemm_peak_flops=peak, results=results), indent=2))
+    (Path(out) / "results.md").write_text(report)
+    return results
+
+
+def _report(results: list[dict], peak: float, dtype: str, device, quick: bool) -> str:
+    lines = [f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+             f"device {device}; dtype {dtype}; GEMM peak {peak / 1e9:.0f} GFLOP/s; "
+             f"{'quick (smoke) run' if quick else 'full run'}", "",
+             "| workload | peer | out tok/s | total tok/s | wall s | peak RSS MiB | batchgen / peer | MFU | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["workload"], r["peer"]): r for r in results if "error" not in r}
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['workload']} | {r['peer']} | failed | | | | | | |")
+            continue
+        ours = by.get((r["workload"], "batchgen"))
+        ratio = f"{ours['output_tok_s'] / r['output_tok_s']:.2f}x" if ours and r["peer"] != "batchgen" else ""
+        mfu, notes = "", ""
+        if r["peer"] == "batchgen":
+            mfu = f"{r['total_tok_s'] * r['flops_per_token'] / peak:.0%}"
+            notes = (f"engine overhead {r['engine_overhead']:.1%} of step time; "
+                     f"prefix hit rate {r['prefix_cache_hit_rate']:.0%}")
+        elif r["peer"] == "hf-static":
+            notes = f"best batch size {r['batch_size']}"
+        lines.append(f"| {r['workload']} | {r['peer']} | {r['output_tok_s']:.1f} | {r['total_tok_s']:.1f} | "
+                     f"{r['wall']:.1f} | {r['peak_rss_mib']:.0f} | {ratio} | {mfu} | {notes} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args and args[0] == "--one":
+        dtype = args[args.index("--dtype") + 1] if "--dtype" in args else "bfloat16"
+        print(json.dumps(run_one(args[1], args[2], "--quick" in args, dtype)))
+    else:
+        main(quick="--quick" in args)
