@@ -60,7 +60,10 @@ class Scheduler:
                 break
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req, n):
-                victim = self.running[-1]
+                # The newest running request not already given work this step makes room; when
+                # there is none, req itself waits.
+                planned = {id(r) for r, _ in plan}
+                victim = next((r for r in reversed(self.running) if id(r) not in planned), req)
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -111,6 +114,8 @@ class Scheduler:
         for req, hits in matched:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if admitted and hits:
+                hits = self.kv.match_prefix(req)  # admissions before it may have evicted some
             key = self._next_block_key(req, len(hits)) if sharing else None
             if key is not None and key in in_progress:
                 continue  # follow the request computing this prefix
