@@ -12,7 +12,12 @@ import sys
 
 import click
 
-from batchgen.job.outputs import OutputError, format_status, merge_outputs, output_status
+from batchgen.job.outputs import (
+    OutputError,
+    format_status,
+    merge_outputs,
+    output_status,
+)
 from batchgen.job.progress import format_summary
 from batchgen.job.runner import JobConflict, JobFailed, run_job
 from batchgen.job.spec import JobSpec, JobSpecError, load_spec

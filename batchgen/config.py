@@ -5,12 +5,53 @@ Imports nothing of batchgen so every layer can use it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION_BACKENDS = ("auto", "torch")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")  # auto: triton on CUDA, torch on CPU
+
+
+SPEC_METHODS = ("ngram", "draft")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding: a proposer guesses tokens, the target verifies them in one forward."""
+    method: str = "ngram"  # ngram: prompt lookup, no model; draft: a smaller model, same tokenizer
+    num_speculative_tokens: int = 3
+    draft_model: str | None = None  # for method "draft": alias, HF directory or .gguf
+    prompt_lookup_min: int = 2  # ngram: shortest suffix of the text matched against earlier text
+    prompt_lookup_max: int = 4  # ngram: longest
+    max_batch_size: int = 32  # above this many running rows, verifying costs more than it saves: pause
+
+    def __post_init__(self) -> None:
+        def check(cond: bool, name: str, allowed: str) -> None:
+            if not cond:
+                raise ValueError(f"speculative.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        check(self.method in SPEC_METHODS, "method", f"one of {', '.join(SPEC_METHODS)}")
+        check(_pos_int(self.num_speculative_tokens), "num_speculative_tokens", "an int >= 1")
+        check(self.method != "draft" or (isinstance(self.draft_model, str) and bool(self.draft_model)),
+              "draft_model", "a model alias, directory or .gguf path (method 'draft' needs one)")
+        check(_pos_int(self.prompt_lookup_min), "prompt_lookup_min", "an int >= 1")
+        check(_pos_int(self.prompt_lookup_max) and self.prompt_lookup_max >= self.prompt_lookup_min,
+              "prompt_lookup_max", "an int >= prompt_lookup_min")
+        check(_pos_int(self.max_batch_size), "max_batch_size", "an int >= 1")
+
+    @classmethod
+    def from_value(cls, value: "SpeculativeConfig | dict | None") -> "SpeculativeConfig | None":
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative={value!r} is invalid: a mapping of speculative settings or null")
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown speculative setting(s) {unknown}; allowed: {', '.join(allowed)}")
+        return cls(**value)
 
 
 @dataclass
@@ -29,6 +70,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds the sampler of requests without their own seed
     tokenizer: str | None = None  # defaults to the model's own
+    speculative: SpeculativeConfig | dict | None = None  # off by default
+    lora_adapters: dict[str, str] | None = None  # adapter name -> PEFT LoRA directory
+    max_loras: int = 8  # adapters resident on the device at once (the others wait in CPU memory)
+    max_lora_rank: int = 64  # adapters of higher rank are refused at load
 
     def __post_init__(self) -> None:
         def check(cond: bool, name: str, allowed: str) -> None:
@@ -55,6 +100,16 @@ class EngineConfig:
               "gpu_memory_utilization", "a number in (0, 1]")
         check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", "true or false")
         check(isinstance(self.seed, int), "seed", "an int")
+        self.speculative = SpeculativeConfig.from_value(self.speculative)
+        check(self.lora_adapters is None or (
+            isinstance(self.lora_adapters, dict)
+            and all(isinstance(k, str) and k and isinstance(v, (str, os.PathLike)) and str(v)
+                    for k, v in self.lora_adapters.items())),
+            "lora_adapters", "a mapping of adapter name -> PEFT adapter directory, or null")
+        check(_pos_int(self.max_loras), "max_loras", "an int >= 1")
+        check(_pos_int(self.max_lora_rank), "max_lora_rank", "an int >= 1")
+        if self.lora_adapters is not None:
+            self.lora_adapters = {k: str(v) for k, v in self.lora_adapters.items()}
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -22,6 +22,8 @@ from batchgen.models.registry import model_class
 from batchgen.request import Request
 from batchgen.sampling import CompletionOutput, RequestOutput, SamplingParams
 from batchgen.sched.scheduler import Scheduler, SchedulerConfig
+from batchgen.spec.draft import DraftProposer
+from batchgen.spec.ngram import NgramProposer
 
 logger = logging.getLogger("batchgen")
 
@@ -48,6 +50,7 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         self.config = config = config or EngineConfig.from_kwargs(**kwargs)
         self.device = _pick_device(config.device)
+        self.attention_backend = _pick_attention_backend(config.attention_backend, self.device)
         from transformers import AutoConfig, AutoTokenizer
 
         self.model_dir = resolve_model(config.model)
@@ -56,7 +59,10 @@ class Engine:
         self.eos_token_ids = read_eos_token_ids(self.model_dir, self.hf_config)
         self.vocab_size = self.hf_config.vocab_size
         self.dtype = pick_dtype(config.dtype, self.device)
-        self.model = self._load_model()
+        self.model = self._load_model(self.model_dir, self.hf_config)
+        self.spec = config.speculative
+        self.draft_model = self._load_draft() if self.spec and self.spec.method == "draft" else None
+        self.lora, lora_slots = self._load_loras()  # before sizing the KV pool: slots take device memory
 
         self.block_size = config.block_size
         num_blocks = self._num_kv_blocks()
@@ -64,8 +70,21 @@ class Engine:
         self.kv_caches = self._allocate_kv(num_blocks)
         self.kv = KVCacheManager(num_blocks, self.block_size, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, budget, self.max_model_len), self.kv)
+        self.scheduler = Scheduler(SchedulerConfig(
+            config.max_num_seqs, budget, self.max_model_len,
+            num_speculative_tokens=self.spec.num_speculative_tokens if self.spec else 0,
+            spec_max_batch_size=self.spec.max_batch_size if self.spec else 0), self.kv, lora_slots)
         self.runner = ModelRunner(self.model, self.kv_caches, self.block_size, self.device, config.seed)
+        self.runner.lora = self.lora
+        self.runner.attention_backend = self.attention_backend
+        if self.attention_backend == "triton":
+            from batchgen.exec.attention_triton import use_triton_attention
+
+            for m in (self.model, self.draft_model):
+                if m is not None:
+                    use_triton_attention(m)
+        if self.spec:
+            self.runner.proposer = self._make_proposer(num_blocks)
 
         self._groups: dict[str, _Group] = {}  # by child request id
         self._ready: list[RequestOutput] = []  # finished outside a step (bad input)
@@ -76,17 +95,51 @@ class Engine:
 
     # ---- set-up -------------------------------------------------------------------------------
 
-    def _load_model(self) -> torch.nn.Module:
-        cls = model_class(self.hf_config)
+    def _load_model(self, model_dir: str, hf_config) -> torch.nn.Module:
+        cls = model_class(hf_config)
         with torch.device("meta"):
-            model = cls(self.hf_config)  # no random init: every weight comes from the checkpoint
+            model = cls(hf_config)  # no random init: every weight comes from the checkpoint
         model = model.to(dtype=self.dtype).to_empty(device=self.device)
-        model.load_weights(iter_safetensors(self.model_dir))
+        model.load_weights(iter_safetensors(model_dir))
         return model.eval()
 
+    def _load_loras(self):
+        """PEFT adapters (all read and checked now, kept in CPU memory) and the device slots they
+        take turns in: (LoRAWeights, LoRASlots), or (None, None) without adapters."""
+        if not self.config.lora_adapters:
+            return None, None
+        from batchgen.lora.adapters import ProjectionDims, load_adapters
+        from batchgen.lora.layers import LoRAWeights
+        from batchgen.lora.slots import LoRASlots
+
+        adapters = load_adapters(self.config.lora_adapters, ProjectionDims.of_model(self.model),
+                                 self.config.max_lora_rank)
+        num_slots = min(self.config.max_loras, len(adapters))
+        weights = LoRAWeights(self.model, adapters, num_slots, self.dtype, self.device)
+        logger.info("LoRA: %d adapter(s) (%s), %d device slot(s), max rank %d", len(adapters),
+                    ", ".join(adapters), num_slots, weights.max_rank)
+        return weights, LoRASlots(num_slots)
+
+    def _load_draft(self) -> torch.nn.Module:
+        from transformers import AutoConfig
+
+        draft_dir = resolve_model(self.spec.draft_model)
+        draft_config = AutoConfig.from_pretrained(draft_dir)
+        if draft_config.vocab_size != self.vocab_size:
+            raise ValueError(f"draft model {self.spec.draft_model!r} has vocab_size {draft_config.vocab_size}, "
+                             f"the target {self.vocab_size}: a draft must share the target's tokenizer")
+        return self._load_model(draft_dir, draft_config)
+
+    def _make_proposer(self, num_blocks: int):
+        if self.spec.method == "ngram":
+            return NgramProposer(self.spec.prompt_lookup_min, self.spec.prompt_lookup_max)
+        draft_kv = self._allocate_kv(num_blocks, self.draft_model)
+        return DraftProposer(self.draft_model, draft_kv, self.runner.prepare, self.device, self.config.seed)
+
     def _kv_bytes_per_block(self) -> int:
-        m = self.model
-        return 2 * len(m.layers) * self.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+        """Target and draft KV for one block: the draft shares the target's block ids."""
+        return sum(2 * len(m.layers) * self.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+                   for m in (self.model, self.draft_model) if m is not None)
 
     def _num_kv_blocks(self) -> int:
         c = self.config
@@ -119,8 +172,8 @@ class Engine:
             length = capacity
         return length
 
-    def _allocate_kv(self, num_blocks: int) -> list[torch.Tensor]:
-        m = self.model
+    def _allocate_kv(self, num_blocks: int, model: torch.nn.Module | None = None) -> list[torch.Tensor]:
+        m = model or self.model
         shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
         return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in m.layers]
 
@@ -166,8 +219,9 @@ class Engine:
         bad_stops = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stops:
             return f"stop_token_ids {bad_stops} are outside the vocabulary [0, {self.vocab_size})"
-        if lora is not None:
-            return f"LoRA adapter {lora!r} requested, but this engine has no adapters loaded"
+        if lora is not None and (self.lora is None or lora not in self.lora.adapters):
+            loaded = ", ".join(map(repr, self.lora.adapters)) if self.lora is not None else "none"
+            return f"unknown LoRA adapter {lora!r}; loaded: {loaded}"
         return None
 
     def has_unfinished(self) -> bool:
@@ -252,6 +306,17 @@ class Engine:
                  model_seconds=self.runner.model_seconds, preemptions=sched.num_preemptions,
                  running=len(sched.running), waiting=len(sched.waiting),
                  kv_blocks=self.kv.num_blocks, kv_blocks_free=self.kv.num_free_blocks)
+        if self.lora is not None:
+            s.update(lora_slots=sched.lora_slots.num_slots, lora_loads=sched.lora_slots.num_loads)
+        if self.spec:
+            st = sched.spec_stats
+            s.update(spec_steps=st["steps"], spec_proposed_tokens=st["proposed"],
+                     spec_accepted_tokens=st["accepted"],
+                     spec_acceptance_rate=st["accepted"] / st["proposed"] if st["proposed"] else 0.0,
+                     # tokens a verifying step yields: accepted proposals plus the target's own token
+                     spec_mean_accepted_length=(st["accepted"] + st["steps"]) / st["steps"] if st["steps"] else 0.0,
+                     spec_acceptance_per_position=[a / p if p else 0.0
+                                                   for a, p in zip(st["accepted_at"], st["proposed_at"])])
         return s
 
 
@@ -266,27 +331,33 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """prompts: a string, a token-id list, or a list of either. Returns outputs in input order."""
+                 use_tqdm: bool = True, lora: str | list[str | None] | None = None) -> list[RequestOutput]:
+        """prompts: a string, a token-id list, or a list of either. lora: an adapter name (loaded with
+        `lora_adapters=`) for every prompt, or one name or None per prompt; None: the base model.
+        Returns outputs in input order."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            self.engine.add_request(str(i), prompt, p or SamplingParams())
+        loras = list(lora) if isinstance(lora, (list, tuple)) else [lora] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"{len(loras)} lora entries for {len(prompts)} prompts")
+        for i, (prompt, p, name) in enumerate(zip(prompts, params, loras)):
+            self.engine.add_request(str(i), prompt, p or SamplingParams(), lora=name)
         return self._run(len(prompts), use_tqdm)
 
     def chat(self, conversations, sampling_params=None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
-        """conversations: one list of {"role", "content"} messages, or a list of them."""
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
+             lora: str | list[str | None] | None = None) -> list[RequestOutput]:
+        """conversations: one list of {"role", "content"} messages, or a list of them; lora as in generate."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                       **(chat_template_kwargs or {}))
                    for c in conversations]
         token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        outputs = self.generate(token_ids, sampling_params, use_tqdm)
+        outputs = self.generate(token_ids, sampling_params, use_tqdm, lora=lora)
         for out, prompt in zip(outputs, prompts):
             out.prompt = prompt
         return outputs
@@ -323,6 +394,25 @@ def _pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for, but torch sees no CUDA device")
     return torch.device(device)
+
+
+def _pick_attention_backend(name: str, device: torch.device) -> str:
+    """"torch" or "triton". auto: Triton on CUDA (torch when triton will not import), torch on CPU.
+    Triton on CPU runs only under the interpreter (TRITON_INTERPRET=1 before triton is imported)."""
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return "torch"
+    try:
+        from batchgen.exec import attention_triton
+    except ImportError as e:
+        if name == "auto":
+            logger.warning("triton is not importable (%s): using the torch attention backend", e)
+            return "torch"
+        raise ValueError(f"attention_backend='triton' needs the triton package: {e}") from e
+    if device.type != "cuda" and not attention_triton.interpreted():
+        raise ValueError("attention_backend='triton' on CPU runs only under the Triton interpreter: set "
+                         "TRITON_INTERPRET=1 in the environment before batchgen imports triton (slow: meant "
+                         "for tests), or use attention_backend='torch'")
+    return "triton"
 
 
 def _available_memory() -> int:

@@ -64,7 +64,7 @@ class KVCacheManager:
             return
         tail = self._tail.get(req.request_id) or self.radix.root(req.lora)
         num_cached = tail.depth
-        num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
+        num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size  # verified tokens only
         bs = self.block_size
         for i in range(num_cached, num_full):
             block = req.block_ids[i]
@@ -78,6 +78,12 @@ class KVCacheManager:
                 self._release(block)
             tail = node
         self._tail[req.request_id] = tail
+
+    def trim(self, req: Request) -> None:
+        """Return blocks past the request's computed tokens (rejected speculative tokens' KV) to the pool."""
+        keep = cdiv(req.num_computed_tokens, self.block_size)
+        while len(req.block_ids) > keep:
+            self._release(req.block_ids.pop())
 
     def free(self, req: Request) -> None:
         """Release all of req's blocks, tail first (so the LRU evicts leaves before their parents)."""

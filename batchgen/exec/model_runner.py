@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import replace
 
 import torch
 
 from batchgen.exec.attention import AttentionMetadata, ChunkSegment
-from batchgen.exec.sampler import Sampler
+from batchgen.exec.rejection import verify_greedy, verify_sampled
+from batchgen.exec.sampler import Sampler, filtered_probs
 from batchgen.sched.output import ModelOutput, SchedulerOutput
 
 
@@ -23,6 +25,9 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler(seed, device)
+        self.proposer = None  # speculative decoding: set by the engine
+        self.lora = None  # multi-LoRA slots (batchgen.lora.layers.LoRAWeights): set by the engine
+        self.attention_backend = "torch"  # "triton": prepare() also fills the Triton fields; set by the engine
         self.model_seconds = 0.0  # in the model's forward and LM head; the rest of a step is overhead
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
@@ -72,22 +77,84 @@ class ModelRunner:
             chunks=chunks,
             max_position=max(s + n for s, n in zip(starts, lens)) - 1,
         )
+        if self.attention_backend == "triton":  # every row, in batch order
+            ctx_lens = [s + n for s, n in zip(starts, lens)]
+            meta.cu_seqlens_q = self._tensor([0, *itertools.accumulate(lens)], torch.int32)
+            meta.context_lens = self._tensor(ctx_lens, torch.int32)
+            meta.block_tables = tables.to(torch.int32).to(self.device, non_blocking=True)
+            meta.max_q_len, meta.max_context_len = max(lens), max(ctx_lens)
         last_token = (first_token + lens_t - 1)[[i for i, r in enumerate(rows) if r.sample]]  # [sampled rows]
+        if self.lora is not None:  # which adapter slot each row's tokens use in this forward
+            self.lora.set_batch(lens, [r.lora_slot for r in rows])
         return input_ids, positions.to(self.device), meta, last_token.to(self.device)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
         self.sampler.forget(sched.finished_ids)
-        input_ids, positions, meta, sample_idx = self.prepare(sched)
+        if self.lora is not None:
+            self.lora.load_pending(sched.lora_loads)  # adapters the scheduler swapped in for this step
+        rows = sched.scheduled
+        proposals: list[list[int]] = [[] for _ in rows]
+        draft_probs: list = [None] * len(rows)
+        if self.proposer is not None:
+            self.proposer.forget(sched.finished_ids)
+            spec = [i for i, r in enumerate(rows) if r.num_spec]
+            if spec:
+                found, dists = self.proposer.propose([rows[i] for i in spec])
+                for i, p, q in zip(spec, found, dists):
+                    proposals[i], draft_probs[i] = p[:rows[i].num_spec], q
+            self.proposer.observe(rows, proposals)
+            # Rows with proposals become multi-token chunks; one-token rows stay first.
+            rows = [replace(r, token_ids=r.token_ids + p) if p else r for r, p in zip(rows, proposals)]
+        order = sorted(range(len(rows)), key=lambda i: rows[i].num_tokens != 1)
+        input_ids, positions, meta, last_token = self.prepare(SchedulerOutput([rows[i] for i in order]))
         t = time.perf_counter()
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [tokens, hidden]
-        sampled_rows = [r for r in sched.scheduled if r.sample]
-        if not sampled_rows:
+        sampled = [i for i in order if rows[i].sample]  # scheduled indices, in batch order
+        if not sampled:
             self.model_seconds += time.perf_counter() - t
             return ModelOutput([], [])
-        logits = self.model.compute_logits(hidden[sample_idx])  # [sampled rows, vocab] fp32
+        # Logits at each sampled row's last position, and at the positions of its proposals.
+        if any(proposals):
+            idx, starts = [], {}
+            for pos, i in zip(last_token.tolist(), sampled):
+                starts[i] = len(idx)
+                idx.extend(range(pos - len(proposals[i]), pos + 1))
+            last_token = torch.tensor(idx, device=self.device)
+        logits = self.model.compute_logits(hidden[last_token])  # [positions, vocab] fp32
         if logits.is_cuda:
             torch.cuda.synchronize()
         self.model_seconds += time.perf_counter() - t
-        tokens, logprobs = self.sampler(logits, sampled_rows)
-        return ModelOutput(tokens, logprobs)
+
+        if not any(proposals):
+            tokens, logprobs = self.sampler(logits, [rows[i] for i in sampled])
+            result = dict(zip(sampled, zip(tokens, logprobs, [[]] * len(sampled))))
+        else:
+            result = self._verify(logits, rows, sampled, starts, proposals, draft_probs)
+        in_order = [i for i in range(len(rows)) if rows[i].sample]  # the scheduler's order
+        return ModelOutput(
+            token_ids=[result[i][0] for i in in_order],
+            logprobs=[result[i][1] for i in in_order],
+            accepted=[result[i][2] for i in in_order] if self.proposer is not None else None,
+            num_proposed=[len(proposals[i]) for i in in_order] if self.proposer is not None else None,
+        )
+
+    def _verify(self, logits, rows, sampled, starts, proposals, draft_probs) -> dict[int, tuple]:
+        """Plain rows sample as usual; rows with proposals accept a prefix of them and add a token."""
+        result = {}
+        plain = [i for i in sampled if not proposals[i]]
+        if plain:
+            tokens, logprobs = self.sampler(logits[[starts[i] for i in plain]], [rows[i] for i in plain])
+            result.update(zip(plain, zip(tokens, logprobs, [[]] * len(plain))))
+        for i in sampled:
+            if not proposals[i]:
+                continue
+            block = logits[starts[i]:starts[i] + len(proposals[i]) + 1]  # [proposals + 1, vocab]
+            row = rows[i]
+            if row.params.greedy:
+                accepted, token = verify_greedy(block, proposals[i])
+            else:
+                probs = filtered_probs(block, [row] * block.shape[0])
+                accepted, token = verify_sampled(probs, proposals[i], draft_probs[i], self.sampler.generator_for(row))
+            result[i] = (token, None, accepted)
+        return result

@@ -24,7 +24,10 @@ class Sampler:
         for rid in request_ids:
             self.row_generators.pop(rid, None)
 
-    def _row_generator(self, row: ScheduledRequest) -> torch.Generator:
+    def generator_for(self, row: ScheduledRequest) -> torch.Generator:
+        """The row's own generator when it has a seed, else the shared one."""
+        if row.seed is None:
+            return self.generator
         gen = self.row_generators.get(row.request_id)
         if gen is None:
             gen = torch.Generator(device=self.device).manual_seed(row.seed)
@@ -69,7 +72,7 @@ class Sampler:
             if r.seed is None:
                 shared.append(i)
             else:
-                noise[i].exponential_(generator=self._row_generator(r))
+                noise[i].exponential_(generator=self.generator_for(r))
         if shared:
             noise[shared] = torch.empty((len(shared), probs.shape[1]), device=probs.device).exponential_(
                 generator=self.generator)

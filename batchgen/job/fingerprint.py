@@ -2,8 +2,9 @@
 
 Row keys are (shard index, row index), so the shard list (names, formats, sizes) is part of it;
 so is everything that changes a row's output (model, sampling, engine settings, prompt columns,
-error policy, kept columns). Commit cadence and the grouping window are not: they change when
-rows are written, not what is written.
+error policy, kept columns). Commit cadence, the grouping window and the engine's throughput
+knobs are not: they change when and how fast rows are made, not what a row asks for, and a job
+requeued onto a bigger GPU must be able to raise max_num_seqs and still resume.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from typing import Any
 from batchgen.job.shards import Shard
 from batchgen.job.spec import JobSpec
 
+# EngineConfig fields that only trade memory for speed. Any other (or future) field counts.
+_THROUGHPUT_ONLY = {"device", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks",
+                    "kv_cache_memory", "gpu_memory_utilization", "attention_backend", "enable_prefix_caching"}
+
 
 def job_fingerprint(spec: JobSpec, shards: list[Shard]) -> dict[str, Any]:
     """A JSON-plain dict (lists, not tuples), so it compares equal to the copy read from the manifest."""
@@ -22,7 +27,7 @@ def job_fingerprint(spec: JobSpec, shards: list[Shard]) -> dict[str, Any]:
     fingerprint = {
         "model": {"path": spec.model.path, "dtype": spec.model.dtype},
         "sampling": dataclasses.asdict(spec.sampling),
-        "engine": dict(sorted(spec.engine.items())),
+        "engine": {k: v for k, v in sorted(spec.engine.items()) if k not in _THROUGHPUT_ONLY},
         "input": {
             "format": inp.format, "id_column": inp.id_column, "prompt_column": inp.prompt_column,
             "messages_column": inp.messages_column, "system_prompt": inp.system_prompt, "split": inp.split,

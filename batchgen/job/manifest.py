@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable
-from typing import Any, Callable, IO
+from collections.abc import Callable, Iterable
+from typing import IO, Any
 
 from batchgen.job import store
 from batchgen.job.failpoints import failpoint
@@ -163,10 +163,10 @@ class OutputDir:
                 if name.startswith(".") and ".tmp-" in name:
                     store.remove(self.fs, store.join(directory, name))
                     removed += 1
-        missing = [p for p in committed if not self.fs.exists(self.path(p))]
+        missing = sorted(committed - set(store.list_names(self.fs, self.root)))  # one listing, not a HEAD per part
         if missing:
-            raise RuntimeError(f"{self.url}: committed part(s) {missing[:3]} are missing; the output was "
-                               "modified by hand. Restore them or start over with --force")
+            raise RuntimeError(f"{self.url}: committed part(s) {missing[:3]} are missing (deleted by hand, or by "
+                               "an interrupted --force); restore them or start over with --force")
         return rolled, removed
 
     def reset(self) -> None:

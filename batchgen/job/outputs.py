@@ -39,11 +39,13 @@ def output_status(url: str) -> dict[str, Any]:
 def format_status(status: dict[str, Any]) -> str:
     total = "?" if status["rows_total"] is None else status["rows_total"]
     state = "complete" if status["complete"] else "incomplete"
-    lines = [f"{status['output']}: {state}, {status['rows_done']}/{total} rows "
-             f"({status['errors']} errors, {status['skipped']} skipped) in {status['parts']} parts; "
-             f"model {status['model']}",
-             f"  tokens: {status['prompt_tokens']} prompt ({status['cached_tokens']} from the prefix cache), "
-             f"{status['generated_tokens']} generated"]
+    lines = [
+        (f"{status['output']}: {state}, {status['rows_done']}/{total} rows "
+         f"({status['errors']} errors, {status['skipped']} skipped) in {status['parts']} parts; "
+         f"model {status['model']}"),
+        (f"  tokens: {status['prompt_tokens']} prompt ({status['cached_tokens']} from the prefix cache), "
+         f"{status['generated_tokens']} generated"),
+    ]
     if status["uncommitted_parts"]:
         lines.append(f"  {status['uncommitted_parts']} uncommitted part(s) from an interrupted run "
                      "(removed when the job resumes)")

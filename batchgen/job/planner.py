@@ -131,7 +131,7 @@ class Planner:
             messages.insert(0, {"role": "system", "content": self.system_prompt})  # the row's own one wins
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # a template raising on one row (jinja errors, bad roles) is that row's error
+        except Exception as e:  # noqa: BLE001 - a template raising on one row (jinja errors, bad roles) is that row's error
             raise RowError(f"chat template failed: {type(e).__name__}: {e}") from None
 
     def _tokenize(self, items: list[tuple[Planned, str]], add_special_tokens: bool) -> list[Planned]:
@@ -139,7 +139,7 @@ class Planner:
             return []
         # One batched call: fast tokenizers encode the whole window in parallel.
         encoded = self.tokenizer([text for _, text in items], add_special_tokens=add_special_tokens)["input_ids"]
-        for (item, _), ids in zip(items, encoded):
+        for (item, _), ids in zip(items, encoded, strict=True):
             item.token_ids = array("i", ids)
             if not ids:
                 item.error = "the prompt encodes to no tokens"

@@ -44,14 +44,13 @@ class Progress:
 def format_summary(stats: dict[str, Any]) -> str:
     run, job = stats["run"], stats["job"]
     total = "?" if job["rows_total"] is None else job["rows_total"]
-    state = {None: "complete" if job["complete"] else "incomplete"}.get(stats["interrupted"],
-                                                                         f"stopped by {stats['interrupted']}")
-    lines = [
-        f"batchgen: {state}: {job['rows_done']}/{total} rows in {stats['output']} "
-        f"({job['errors']} errors, {job['skipped']} skipped)",
-        f"  this run: {run['rows']} rows ({run['errors']} errors, {run['skipped']} skipped) in "
-        f"{run['wall_time_s']:.1f}s ({run['generation_time_s']:.1f}s generating); "
-        f"{run['generated_tokens']} tokens generated, {run['output_tokens_per_s']:.1f} tok/s; "
-        f"prefix-cache hit rate {run['prefix_cache_hit_rate']:.1%}",
-    ]
-    return "\n".join(lines)
+    if stats["interrupted"]:
+        state = f"stopped by {stats['interrupted']}"
+    else:
+        state = "complete" if job["complete"] else "incomplete"
+    return (f"batchgen: {state}: {job['rows_done']}/{total} rows in {stats['output']} "
+            f"({job['errors']} errors, {job['skipped']} skipped)\n"
+            f"  this run: {run['rows']} rows ({run['errors']} errors, {run['skipped']} skipped) in "
+            f"{run['wall_time_s']:.1f}s ({run['generation_time_s']:.1f}s generating); "
+            f"{run['generated_tokens']} tokens generated, {run['output_tokens_per_s']:.1f} tok/s; "
+            f"prefix-cache hit rate {run['prefix_cache_hit_rate']:.1%}")

@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchgen.job.openai_batch import OpenAIBatchError, parse_line
-from batchgen.job.store import read_lines
 from batchgen.job.shards import Shard, is_saved_dataset
 from batchgen.job.spec import InputSpec, JobSpecError
+from batchgen.job.store import read_lines
 from batchgen.sampling import SamplingParams
 
 _BATCH_ROWS = 1024
@@ -69,6 +69,7 @@ class RowShare:
         return max(0, (num_rows - first + self.count - 1) // self.count)
 
 
+EVERY_ROW = RowShare()  # a job that is not split into tasks
 RowFilter = Callable[[int, int], bool]  # (shard, row) -> skip it (already committed)
 
 
@@ -76,7 +77,7 @@ class Reader:
     """Iterate the rows of a job's shards, skipping committed keys before paying to parse them."""
 
     def __init__(self, shards: list[Shard], spec: InputSpec, *, columns: set[str] | None = None,
-                 share: RowShare = RowShare(), skip: RowFilter | None = None):
+                 share: RowShare = EVERY_ROW, skip: RowFilter | None = None):
         self.shards = shards
         self.spec = spec
         self.columns = columns  # None: every column (keep_columns: all)
@@ -182,7 +183,7 @@ def _parquet_records(shard: Shard, columns: set[str] | None, wanted: Callable[[i
             keep = [i for i in range(n) if wanted(shard.index, start + i)]
             if keep:
                 records = (batch if len(keep) == n else batch.take(keep)).to_pylist() if read else [{}] * len(keep)
-                for i, record in zip(keep, records):
+                for i, record in zip(keep, records, strict=True):
                     yield start + i, record, None
             start += n
 
@@ -248,7 +249,7 @@ def _open_hf(url: str, split: str | None):
         return datasets.load_dataset(url, split=split or "train", streaming=True)
     except JobSpecError:
         raise
-    except Exception as e:  # datasets raises many types; all mean the same thing here
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean the same thing here
         raise JobSpecError(f"input.path: cannot load {url!r} as a Hugging Face dataset: {e}") from None
 
 

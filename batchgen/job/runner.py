@@ -9,7 +9,9 @@ the scheduler always has a queue to fill its batch from while the rest of the in
 
 from __future__ import annotations
 
+import copy
 import itertools
+import logging
 import os
 import signal
 import time
@@ -23,12 +25,14 @@ from batchgen.job.fingerprint import fingerprint_diff, job_fingerprint
 from batchgen.job.manifest import COUNTERS, OutputDir, RowSet, job_totals
 from batchgen.job.planner import Planned, Planner
 from batchgen.job.progress import Progress
-from batchgen.job.reader import Reader, Row, RowShare
+from batchgen.job.reader import EVERY_ROW, Reader, Row, RowShare
 from batchgen.job.schema import OutputSchema
 from batchgen.job.shards import resolve_shards
 from batchgen.job.signals import StopSignals
-from batchgen.job.spec import JobSpec, load_spec
+from batchgen.job.spec import JobSpec, apply_overrides, load_spec
 from batchgen.job.writer import PartWriter
+
+logger = logging.getLogger("batchgen")
 
 
 class JobConflict(RuntimeError):
@@ -55,18 +59,21 @@ class JobResult:
 
 
 def run_job(job: JobSpec | str | os.PathLike | dict, *, overrides: list[str] | tuple[str, ...] = (),
-            force: bool = False, quiet: bool = False, engine: Any = None, share: RowShare = RowShare()) -> JobResult:
+            force: bool = False, quiet: bool = False, engine: Any = None, share: RowShare = EVERY_ROW) -> JobResult:
     """Run (or resume) a job to completion or until SIGTERM/SIGINT.
 
     job: a JobSpec, a job file path, or the job file's content as a dict (paths relative to cwd).
+    overrides: `--set` items for a job file or dict, e.g. ["sampling.max_tokens=64"].
     force: start over when OUT holds a different job's output (that output is deleted).
     engine: an Engine already built for the job's model, reused instead of loading a new one.
     share: the rows of one task of an array job.
     """
-    if isinstance(job, dict):
-        spec = JobSpec.from_dict(job, os.getcwd())
-    elif isinstance(job, JobSpec):
+    if isinstance(job, JobSpec):
+        if overrides:
+            raise TypeError("overrides apply to a job file or dict, not to a JobSpec")
         spec = job
+    elif isinstance(job, dict):
+        spec = JobSpec.from_dict(apply_overrides(copy.deepcopy(job), overrides), os.getcwd())
     else:
         spec = load_spec(job, overrides)
     start = time.perf_counter()
@@ -75,12 +82,16 @@ def run_job(job: JobSpec | str | os.PathLike | dict, *, overrides: list[str] | t
         out = OutputDir(spec.output.path)
         manifest = open_output(out, job_fingerprint(spec, shards), force)
         done = out.committed_rows()
+        if len(done):
+            logger.info("resuming %s: %d rows already committed", out.url, len(done))
         reader = Reader(shards, spec.input, columns=spec.read_columns, share=share, skip=done.contains)
         if "total_rows" not in manifest:
             manifest["total_rows"] = reader.count()
             out.write_manifest(manifest)
         if engine is None:
-            from batchgen.engine import Engine  # torch is heavy: validate/status/merge never pay for it
+            from batchgen.engine import (
+                Engine,  # torch is heavy: validate/status/merge never pay for it
+            )
 
             engine = Engine(spec.engine_config())
         run = _Run(spec, engine, out, manifest, reader, done, signals, quiet)
@@ -99,6 +110,7 @@ def open_output(out: OutputDir, fingerprint: dict[str, Any], force: bool) -> dic
             changes = "\n  ".join(fingerprint_diff(manifest["fingerprint"], fingerprint))
             raise JobConflict(f"{out.url} holds the output of a different job:\n  {changes}\n"
                               "Rerun with --force to delete that output and start over, or set another output.path.")
+        logger.warning("--force: deleting the previous job's output in %s", out.url)
         out.reset()
         manifest = None
     if manifest is None:
@@ -108,7 +120,10 @@ def open_output(out: OutputDir, fingerprint: dict[str, Any], force: bool) -> dic
                               "set output.path to a new or empty directory")
         manifest = {"fingerprint": fingerprint}
         out.write_manifest(manifest)
-    out.recover()
+    rolled, removed = out.recover()
+    if rolled or removed:
+        logger.info("repaired an interrupted commit in %s: %d part(s) completed, %d uncommitted file(s) removed",
+                    out.url, rolled, removed)
     manifest.pop("version", None)
     return manifest
 
@@ -134,6 +149,8 @@ class _Run:
     def execute(self) -> None:
         windows = self.planner.windows(self.reader, self.spec.input.group_window)
         start = time.perf_counter()
+        if self.signals.received is not None:
+            return  # stopped while the model was loading: nothing to do, nothing to commit
         try:
             first = next(windows, None)
             if first is None:
@@ -177,7 +194,7 @@ class _Run:
                 item = queue.popleft()
                 if item.error is not None:
                     failed = self._reject(item.row, item.error, item.num_prompt_tokens, schema)
-                    finished += failed is None
+                    finished += 1
                     continue
                 self.engine.add_request(item.row.request_id, item.token_ids.tolist(), item.params)
                 self.in_flight[item.row.request_id] = item
@@ -192,10 +209,9 @@ class _Run:
                 item = self.in_flight.pop(output.request_id)
                 if output.error is None:
                     self.writer.add(schema.success(item, output))
-                    finished += 1
                 else:
                     failed = self._reject(item.row, output.error, len(output.prompt_token_ids), schema) or failed
-                    finished += failed is None
+                finished += 1
             failpoint("engine_step")
             self.writer.maybe_commit()
             self.progress.advance(finished)

@@ -46,7 +46,7 @@ class OutputSchema:
         self.arrow = pa.schema(fields)
 
     @classmethod
-    def for_job(cls, spec: JobSpec, input_schema: pa.Schema | None, first_rows: list[Row]) -> "OutputSchema":
+    def for_job(cls, spec: JobSpec, input_schema: pa.Schema | None, first_rows: list[Row]) -> OutputSchema:
         return cls(_kept_schema(spec, input_schema, first_rows), spec.list_output, spec.with_logprobs)
 
     # ---- records --------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ class OutputSchema:
                 "list_output": self.list_output, "with_logprobs": self.with_logprobs}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "OutputSchema":
+    def from_json(cls, data: dict[str, Any]) -> OutputSchema:
         kept = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(data["kept"])))
         return cls(kept, data["list_output"], data["with_logprobs"])
 
@@ -135,7 +135,7 @@ def _to_array(values: list[Any], f: pa.Field) -> pa.Array:
     # lose the whole part, and say so.
     fitted = [v if _fits(v, f.type) else None for v in values]
     logger.warning("column %r: %d value(s) do not fit its type %s and were written as null",
-                   f.name, sum(1 for a, b in zip(values, fitted) if a is not None and b is None), f.type)
+                   f.name, sum(1 for a, b in zip(values, fitted, strict=True) if a is not None and b is None), f.type)
     return pa.array(fitted, type=f.type)
 
 
@@ -148,8 +148,10 @@ def _fits(value: Any, typ: pa.DataType) -> bool:
 
 
 def _logprob_entries(completion: CompletionOutput, k: int) -> list[dict[str, Any]]:
+    if completion.logprobs is None:
+        return []
     entries = []
-    for token, candidates in zip(completion.token_ids, completion.logprobs or []):
+    for token, candidates in zip(completion.token_ids, completion.logprobs, strict=True):
         top = sorted(candidates.items(), key=lambda kv: -kv[1])[:k]
         entries.append({"token_id": token, "logprob": candidates.get(token),
                         "top_logprobs": [{"token_id": t, "logprob": lp} for t, lp in top]})

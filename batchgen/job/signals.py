@@ -21,7 +21,7 @@ class StopSignals:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:  # noqa: PYI034 - Self needs Python 3.11
         # Handlers can only be installed from the main thread; elsewhere (a notebook's worker
         # thread) the caller keeps its own handling.
         if threading.current_thread() is threading.main_thread():

@@ -86,7 +86,7 @@ class JobSpec:
         return None if keep == "all" else set(() if keep == "none" else keep)
 
     @classmethod
-    def from_dict(cls, raw: Any, base_dir: str = ".", source: str | None = None) -> "JobSpec":
+    def from_dict(cls, raw: Any, base_dir: str = ".", source: str | None = None) -> JobSpec:
         return _parse(raw, os.path.abspath(base_dir), source)
 
 
@@ -178,7 +178,7 @@ def _parse(raw: Any, base_dir: str, source: str | None) -> JobSpec:
     return JobSpec(model_spec, input_spec, output_spec, params, engine_args, on_error, source)
 
 
-def _input_paths(inp: "_Section", base_dir: str) -> tuple[str, ...]:
+def _input_paths(inp: _Section, base_dir: str) -> tuple[str, ...]:
     value = inp.get("path")
     allowed = "a path, glob or fsspec URL, or a list of them"
     if value is None:
@@ -193,7 +193,7 @@ def _input_paths(inp: "_Section", base_dir: str) -> tuple[str, ...]:
     return tuple(_resolve(p, base_dir) for p in items)
 
 
-def _keep_columns(out: "_Section") -> str | tuple[str, ...]:
+def _keep_columns(out: _Section) -> str | tuple[str, ...]:
     value = out.get("keep_columns", "all")
     allowed = "all, none, or a list of input column names"
     if value is None or value == "none":
@@ -209,7 +209,7 @@ def _keep_columns(out: "_Section") -> str | tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
-def _sampling(section: "_Section") -> SamplingParams:
+def _sampling(section: _Section) -> SamplingParams:
     section.done(SamplingParams.field_names())
     try:
         return SamplingParams(**section.values)
@@ -217,7 +217,7 @@ def _sampling(section: "_Section") -> SamplingParams:
         raise JobSpecError(_field_error("sampling", "SamplingParams", str(e))) from None
 
 
-def _engine(section: "_Section") -> dict[str, Any]:
+def _engine(section: _Section) -> dict[str, Any]:
     for key in ("model", "dtype"):
         if key in section.values:
             raise JobSpecError(f"engine.{key}: not allowed here; set model.{'path' if key == 'model' else key}")
@@ -269,7 +269,7 @@ class _Section:
     def get(self, key: str, default: Any = None) -> Any:
         return self.values.get(key, default)
 
-    def section(self, key: str, required: bool = False) -> "_Section":
+    def section(self, key: str, required: bool = False) -> _Section:
         if required and key not in self.values:
             raise JobSpecError(f"{key}: missing; the job file needs an {key}: section")
         return _Section(self.values.get(key), self._where(key))

@@ -42,8 +42,8 @@ class Validation:
 
     def format(self) -> str:
         lines = [f"job: {self.spec.source or '(in-memory)'}",
-                 f"input: {len(self.shards)} shard(s), {self.rows} rows, {self.bad_rows} bad "
-                 f"(on_error: {self.spec.on_error})"]
+                 (f"input: {len(self.shards)} shard(s), {self.rows} rows, {self.bad_rows} bad "
+                  f"(on_error: {self.spec.on_error})")]
         for row_id, error in self.bad_examples:
             lines.append(f"  bad row {row_id}: {error}")
         if self.bad_rows > len(self.bad_examples):

@@ -18,6 +18,11 @@ class ScheduledRequest:
     seed: int | None
     num_output_tokens: int  # generated so far (min_tokens suppresses stop ids until reached)
     stop_ids: frozenset[int] = frozenset()
+    # Speculative decoding: up to num_spec proposed tokens may follow token_ids (slots are reserved);
+    # the proposer reads the row's verified tokens (a reference to the request's list, not a copy).
+    num_spec: int = 0
+    all_token_ids: list[int] | None = None
+    lora_slot: int = -1  # device slot of the row's LoRA adapter; -1: base model
 
     @property
     def num_tokens(self) -> int:
@@ -28,6 +33,8 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest]  # rows with one token first, then multi-token chunks
     finished_ids: list[str] = field(default_factory=list)  # finished since the last step
+    # LoRA (slot, adapter name) assignments to load before this step's forward (rows above use them)
+    lora_loads: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -37,5 +44,7 @@ class SchedulerOutput:
 @dataclass
 class ModelOutput:
     # One entry per scheduled request with sample=True, in the scheduled order.
-    token_ids: list[int]
+    token_ids: list[int]  # the newly sampled token (after any accepted proposals)
     logprobs: list[dict[int, float] | None]
+    accepted: list[list[int]] | None = None  # proposals the target accepted, per row; None: no speculation
+    num_proposed: list[int] | None = None  # proposals verified, per row

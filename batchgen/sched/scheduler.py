@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from batchgen.cache.kv_manager import KVCacheManager
+from batchgen.lora.slots import LoRASlots
 from batchgen.request import Request, RequestStatus
 from batchgen.sched.output import ModelOutput, ScheduledRequest, SchedulerOutput
 
@@ -22,19 +23,25 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    num_speculative_tokens: int = 0  # proposals verified per decode step; 0: no speculation
+    spec_max_batch_size: int = 32  # speculation pauses above this many running requests
     admission_window: int = 512  # waiting requests considered per step for longest-prefix-first admission
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, lora_slots: LoRASlots | None = None):
         self.config = config
         self.kv = kv
+        # LoRA: a running request pins its adapter's device slot; None: adapters take no slot (-1)
+        self.lora_slots = lora_slots
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
         self.num_prompt_tokens = 0
         self.num_cached_prompt_tokens = 0
+        k = config.num_speculative_tokens
+        self.spec_stats = dict(steps=0, proposed=0, accepted=0, proposed_at=[0] * k, accepted_at=[0] * k)
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -47,8 +54,9 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        plan: list[tuple[Request, int]] = []
+        plan: list[tuple[Request, int, int]] = []  # (request, tokens to compute, of which proposals)
         preempted = False
+        speculate = 0 < len(self.running) <= self.config.spec_max_batch_size
 
         # Running requests: decodes first, then prefills still in progress.
         decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
@@ -58,45 +66,65 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if budget == 0:
                 break
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            remaining = req.num_tokens - req.num_computed_tokens
+            spec = min(self._num_spec(req), budget - 1) if speculate and remaining == 1 else 0
+            n = min(remaining + spec, budget)
             while not self.kv.allocate(req, n):
                 # The newest running request not already given work this step makes room; when
                 # there is none, req itself waits.
-                planned = {id(r) for r, _ in plan}
+                planned = {id(r) for r, _, _ in plan}
                 victim = next((r for r in reversed(self.running) if id(r) not in planned), req)
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
                     break
             else:
-                plan.append((req, n))
+                plan.append((req, n, spec))
                 budget -= n
 
         # After a preemption the pool is tight: admitting more would only thrash.
         if self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             self._admit(budget, plan)
 
-        plan.sort(key=lambda p: p[1] != 1)  # one-token rows first: they share one batched attention
+        # One-token rows first: they share one batched attention; within each part, rows of the
+        # same LoRA slot side by side (one segment per adapter for the LoRA kernels).
+        plan.sort(key=lambda p: (p[1] != 1, self._lora_slot(p[0])))
         scheduled = [
             ScheduledRequest(
                 request_id=req.request_id,
-                token_ids=req.token_ids[req.num_computed_tokens:req.num_computed_tokens + n],
+                token_ids=req.token_ids[req.num_computed_tokens:req.num_computed_tokens + n - spec],
                 start_pos=req.num_computed_tokens,
                 block_ids=req.block_ids,
-                sample=req.num_computed_tokens + n == req.num_tokens,
+                sample=req.num_computed_tokens + n - spec == req.num_tokens,
                 params=req.params,
                 seed=req.seed,
                 num_output_tokens=req.num_output_tokens,
                 stop_ids=req.stop_ids,
+                num_spec=spec,
+                all_token_ids=req.token_ids if spec else None,
+                lora_slot=self._lora_slot(req),
             )
-            for req, n in plan
+            for req, n, spec in plan
         ]
         self._plan = plan
-        out = SchedulerOutput(scheduled, self._finished_ids)
+        out = SchedulerOutput(scheduled, self._finished_ids,
+                              lora_loads=self.lora_slots.take_loads() if self.lora_slots else [])
         self._finished_ids = []
         return out
 
-    def _admit(self, budget: int, plan: list[tuple[Request, int]]) -> None:
+    def _num_spec(self, req: Request) -> int:
+        """Proposals worth verifying for a decoding request: never past max_tokens or max_model_len,
+        none while min_tokens suppresses stop tokens or when per-token logprobs are asked for."""
+        k = self.config.num_speculative_tokens
+        p = req.params
+        if not k or p.logprobs is not None or req.num_output_tokens < p.min_tokens:
+            return 0
+        room = self.config.max_model_len - req.num_tokens - 1
+        if p.max_tokens is not None:
+            room = min(room, p.max_tokens - req.num_output_tokens - 1)
+        return max(0, min(k, room))
+
+    def _admit(self, budget: int, plan: list[tuple[Request, int, int]]) -> None:
         """Admit waiting requests from a window at the head of the queue, longest cached prefix
         first, while budget, sequence slots and blocks last. A request whose next uncached block is
         being computed by another request right now waits for it (it will hit the cache next step)
@@ -119,6 +147,9 @@ class Scheduler:
             key = self._next_block_key(req, len(hits)) if sharing else None
             if key is not None and key in in_progress:
                 continue  # follow the request computing this prefix
+            uses_slot = req.lora is not None and self.lora_slots is not None
+            if uses_slot and not self.lora_slots.can_acquire(req.lora):
+                continue  # every LoRA slot is pinned by running requests of other adapters
             remaining = req.num_tokens - req.num_computed_tokens - len(hits) * bs
             n = min(remaining, budget)
             if not self.kv.allocate(req, n, hits):
@@ -126,6 +157,8 @@ class Scheduler:
             if key is not None:
                 in_progress.add(key)
             admitted.add(id(req))
+            if uses_slot:
+                self.lora_slots.acquire(req.lora)
             if not req.admitted:
                 req.admitted = True
                 req.num_cached_tokens = len(hits) * bs
@@ -133,7 +166,7 @@ class Scheduler:
                 self.num_cached_prompt_tokens += req.num_cached_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            plan.append((req, n))
+            plan.append((req, n, 0))
             budget -= n
         self.waiting.extendleft(reversed([r for r in window if id(r) not in admitted]))
 
@@ -145,25 +178,51 @@ class Scheduler:
         return req.lora, tuple(req.token_ids[:end])
 
     def update(self, sched: SchedulerOutput, out: ModelOutput) -> list[Request]:
-        """Advance the scheduled requests by the computed tokens and the sampled ones; return the
-        requests that finished."""
+        """Advance the scheduled requests by the computed tokens and the sampled ones (accepted
+        proposals first); return the requests that finished."""
         finished: list[Request] = []
-        sampled = iter(zip(out.token_ids, out.logprobs))
-        for req, n in self._plan:
-            req.num_computed_tokens += n
+        i = 0  # index into the sampled rows of `out`
+        for req, n, spec in self._plan:
+            if req.num_computed_tokens + n - spec < req.num_tokens:
+                req.num_computed_tokens += n  # a prefill chunk short of the end samples nothing
+                self.kv.cache_full_blocks(req)
+                continue
+            token, logprobs = out.token_ids[i], out.logprobs[i]
+            accepted = out.accepted[i] if out.accepted is not None else []
+            if spec:
+                self._count_spec(out.num_proposed[i], len(accepted))
+            i += 1
+            # KV is valid for the last known token and the accepted proposals; what the target
+            # computed for rejected ones is dropped with the blocks past the new length.
+            req.num_computed_tokens = req.num_tokens + len(accepted)
+            reason = None
+            for t in accepted + [token]:
+                req.token_ids.append(t)
+                if req.logprobs is not None:
+                    req.logprobs.append(logprobs)
+                reason = self._stop_reason(req, t)
+                if reason is not None:
+                    break
+            if spec:
+                self.kv.trim(req)
             self.kv.cache_full_blocks(req)
-            if req.num_computed_tokens < req.num_tokens:
-                continue  # a prefill chunk short of the end samples nothing
-            token, logprobs = next(sampled)
-            req.token_ids.append(token)
-            if req.logprobs is not None:
-                req.logprobs.append(logprobs)
-            reason = self._stop_reason(req, token)
             if reason is not None:
                 self.finish(req, reason)
                 finished.append(req)
         self._plan = []
         return finished
+
+    def _count_spec(self, proposed: int, accepted: int) -> None:
+        if not proposed:
+            return  # the proposer found nothing: a plain decode step
+        st = self.spec_stats
+        st["steps"] += 1
+        st["proposed"] += proposed
+        st["accepted"] += accepted
+        for j in range(proposed):
+            st["proposed_at"][j] += 1
+        for j in range(accepted):
+            st["accepted_at"][j] += 1
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params
@@ -183,6 +242,7 @@ class Scheduler:
             return
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
+            self._release_lora(req)
         else:
             self.waiting.remove(req)
         self.kv.free(req)
@@ -192,8 +252,19 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        self._release_lora(req)
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1
+
+    def _lora_slot(self, req: Request) -> int:
+        """Device slot of a running request's adapter (pinned since admission); -1 for the base model."""
+        if req.lora is None or self.lora_slots is None:
+            return -1
+        return self.lora_slots.slot(req.lora)
+
+    def _release_lora(self, req: Request) -> None:
+        if req.lora is not None and self.lora_slots is not None:
+            self.lora_slots.release(req.lora)
