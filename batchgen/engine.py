@@ -116,6 +116,8 @@ class Engine:
                                  self.config.max_lora_rank)
         num_slots = min(self.config.max_loras, len(adapters))
         weights = LoRAWeights(self.model, adapters, num_slots, self.dtype, self.device)
+        for adapter in adapters.values():
+            adapter.weights = {}  # LoRAWeights holds them now, packed per slot layout: don't keep two copies
         logger.info("LoRA: %d adapter(s) (%s), %d device slot(s), max rank %d", len(adapters),
                     ", ".join(adapters), num_slots, weights.max_rank)
         return weights, LoRASlots(num_slots)

@@ -156,7 +156,7 @@ def test_sampled_spec_keeps_the_target_distribution(tiny_model_dir):
                                max_batch_size=512))
     outs = llm.generate([prompt] * 3000, params, use_tqdm=False)
     assert llm.stats()["spec_proposed_tokens"] > 0
-    assert 0.05 < llm.stats()["spec_acceptance_rate"] < 0.95  # both branches of the test ran
+    assert 0.01 < llm.stats()["spec_acceptance_rate"] < 0.99  # both branches of the test ran
     vocab = p1.shape[0]
     counts = torch.zeros(len(firsts) * vocab)
     for o in outs:

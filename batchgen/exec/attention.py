@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_decode_attention import decode_attention as cpu_decode_attention
+
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa came in 2.5
 
 
@@ -31,13 +33,28 @@ class ChunkSegment:
 
 
 @dataclass
+class SingleGroup:
+    """One-token rows start:end (in batch order) of similar context length, attended together."""
+    start: int
+    end: int
+    block_tables: torch.Tensor  # [rows, max_blocks], padded with block 0
+    mask: torch.Tensor | None  # [rows, 1, 1, max_blocks * block_size] bool, True = attend
+    ctx_lens: torch.Tensor | None = None  # [rows] int64, set when the CPU decode kernel runs the group
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [tokens] flat slot (block * block_size + offset) of each new token
-    num_single: int  # rows with one query token; they come first in the batch
-    single_block_tables: torch.Tensor | None  # [num_single, max_blocks], padded with block 0
-    single_mask: torch.Tensor | None  # [num_single, 1, 1, max_blocks * block_size] bool, True = attend
+    num_single: int  # rows with one query token; they come first in the batch, shortest context first
+    single_groups: list[SingleGroup] = field(default_factory=list)  # padding is per group, not per batch
     chunks: list[ChunkSegment] = field(default_factory=list)
     max_position: int = 0
+    # Every row in batch order, for the Triton backend (attention_triton.py); None with the torch one.
+    cu_seqlens_q: torch.Tensor | None = None  # [rows + 1] int32: row r owns tokens cu[r]:cu[r+1]
+    context_lens: torch.Tensor | None = None  # [rows] int32: tokens in the cache, this step's included
+    block_tables: torch.Tensor | None = None  # [rows, max_blocks] int32, padded with block 0
+    max_q_len: int = 0
+    max_context_len: int = 0
 
 
 def _sdpa(q, k, v, mask, scale, causal=False):
@@ -67,15 +84,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         rows = cache.view(num_blocks, -1).index_select(0, blocks.reshape(-1))
         return rows.view(*blocks.shape[:-1], blocks.shape[-1] * block_size, kv_heads, d)
 
-    n = meta.num_single
-    if n:
-        group = heads // kv_heads
-        keys = gather(k_cache, meta.single_block_tables).transpose(1, 2)  # [n, kv_heads, ctx, d]
-        vals = gather(v_cache, meta.single_block_tables).transpose(1, 2)
+    group = heads // kv_heads
+    for g in meta.single_groups:
+        if g.ctx_lens is not None:  # the C++ kernel reads K/V in place: no gathered copy
+            out[g.start:g.end] = cpu_decode_attention(q[g.start:g.end].contiguous(), k_cache, v_cache,
+                                                      g.block_tables, g.ctx_lens, scale)
+            continue
+        n = g.end - g.start
+        keys = gather(k_cache, g.block_tables).transpose(1, 2)  # [n, kv_heads, ctx, d]
+        vals = gather(v_cache, g.block_tables).transpose(1, 2)
         # The query heads of one KV head attend as a group: no K/V expansion needed.
-        qs = q[:n].view(n, kv_heads, group, d)  # [n, kv_heads, group, d]
-        out[:n] = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=meta.single_mask,
-                                                 scale=scale).view(n, heads, d)
+        qs = q[g.start:g.end].view(n, kv_heads, group, d)  # [n, kv_heads, group, d]
+        out[g.start:g.end] = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=g.mask,
+                                                           scale=scale).view(n, heads, d)
 
     for c in meta.chunks:
         keys = gather(k_cache, c.block_ids)[:c.ctx_len].transpose(0, 1)  # [kv_heads, ctx, d]

@@ -12,10 +12,11 @@ from dataclasses import replace
 
 import torch
 
-from batchgen.exec.attention import AttentionMetadata, ChunkSegment
+from batchgen.exec.attention import AttentionMetadata, ChunkSegment, SingleGroup
 from batchgen.exec.rejection import verify_greedy, verify_sampled
 from batchgen.exec.sampler import Sampler, filtered_probs
 from batchgen.sched.output import ModelOutput, SchedulerOutput
+from kernels.cpu_decode_attention import load as load_cpu_decode_kernel
 
 
 class ModelRunner:
@@ -26,6 +27,8 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(seed, device)
         self.proposer = None  # speculative decoding: set by the engine
+        # On CPU, one-token rows attend through a C++ kernel when it builds (compiled once, cached).
+        self.cpu_decode_kernel = device.type == "cpu" and load_cpu_decode_kernel() is not None
         self.lora = None  # multi-LoRA slots (batchgen.lora.layers.LoRAWeights): set by the engine
         self.attention_backend = "torch"  # "triton": prepare() also fills the Triton fields; set by the engine
         self.model_seconds = 0.0  # in the model's forward and LM head; the rest of a step is overhead
@@ -51,13 +54,18 @@ class ModelRunner:
                                for r in rows])  # [rows, max_blocks]
         slot_mapping = tables[row_of_token, positions // bs] * bs + positions % bs  # [tokens]
 
-        num_single = sum(1 for n in lens if n == 1)  # the scheduler puts them first
-        single_tables = single_mask = None
-        if num_single:
+        num_single = sum(1 for n in lens if n == 1)  # first in the batch, shortest context first
+        single_groups = []
+        if num_single and self.cpu_decode_kernel:  # reads blocks in place: one call, no padding cost
             ctx = torch.tensor(starts[:num_single]) + 1
-            width = -(-int(ctx.max()) // bs)
-            single_tables = tables[:num_single, :width]
-            single_mask = (torch.arange(width * bs).unsqueeze(0) < ctx.unsqueeze(1))[:, None, None, :]
+            single_groups.append(SingleGroup(0, num_single, tables[:num_single], None, ctx))
+        elif num_single:
+            for start, end in _similar_length_groups([-(-(s + 1) // bs) for s in starts[:num_single]]):
+                ctx = torch.tensor(starts[start:end]) + 1
+                width = -(-int(ctx.max()) // bs)
+                mask = (torch.arange(width * bs).unsqueeze(0) < ctx.unsqueeze(1))[:, None, None, :]
+                single_groups.append(SingleGroup(start, end, tables[start:end, :width].to(self.device),
+                                                 mask.to(self.device)))
 
         chunks = []
         for i in range(num_single, len(rows)):
@@ -72,8 +80,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.to(self.device),
             num_single=num_single,
-            single_block_tables=None if single_tables is None else single_tables.to(self.device),
-            single_mask=None if single_mask is None else single_mask.to(self.device),
+            single_groups=single_groups,
             chunks=chunks,
             max_position=max(s + n for s, n in zip(starts, lens)) - 1,
         )
@@ -106,7 +113,8 @@ class ModelRunner:
             self.proposer.observe(rows, proposals)
             # Rows with proposals become multi-token chunks; one-token rows stay first.
             rows = [replace(r, token_ids=r.token_ids + p) if p else r for r, p in zip(rows, proposals)]
-        order = sorted(range(len(rows)), key=lambda i: rows[i].num_tokens != 1)
+        # One-token rows first, by context length, so attention pads each group only to its peers.
+        order = sorted(range(len(rows)), key=lambda i: (rows[i].num_tokens != 1, rows[i].start_pos))
         input_ids, positions, meta, last_token = self.prepare(SchedulerOutput([rows[i] for i in order]))
         t = time.perf_counter()
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [tokens, hidden]
@@ -158,3 +166,14 @@ class ModelRunner:
                 accepted, token = verify_sampled(probs, proposals[i], draft_probs[i], self.sampler.generator_for(row))
             result[i] = (token, None, accepted)
         return result
+
+
+def _similar_length_groups(blocks: list[int], slack: float = 1.25) -> list[tuple[int, int]]:
+    """Split rows sorted by context blocks into runs whose longest is within `slack` of their shortest
+    (plus one block), bounding the padding of a batched attention call."""
+    groups, start = [], 0
+    for i in range(1, len(blocks) + 1):
+        if i == len(blocks) or blocks[i] > blocks[start] * slack + 1:
+            groups.append((start, i))
+            start = i
+    return groups

@@ -79,13 +79,18 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.qk_norm = qk_norm
+        self.lora = None  # batchgen.lora.layers.LayerLoRA when adapters are loaded: y = lora(x, y, projection)
+        self.attention_fn = paged_attention  # the attention backend; the engine may swap in Triton's
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if self.lora is not None:
+            qkv = self.lora(x, qkv, "qkv_proj")
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # [tokens, heads, head_dim]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [tokens, kv_heads, head_dim]
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -93,8 +98,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        o = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [tokens, heads, head_dim]
-        return self.o_proj(o.reshape(t, self.q_size))
+        o = self.attention_fn(q, k, v, kv_cache, meta, self.scale)  # [tokens, heads, head_dim]
+        o = o.reshape(t, self.q_size)
+        return self.o_proj(o) if self.lora is None else self.lora(o, self.o_proj(o), "o_proj")
 
 
 class MLP(nn.Module):
@@ -104,10 +110,15 @@ class MLP(nn.Module):
         self.intermediate = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=bias)
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=bias)
+        self.lora = None  # batchgen.lora.layers.LayerLoRA when adapters are loaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        if self.lora is not None:
+            gate_up = self.lora(x, gate_up, "gate_up_proj")
+        gate, up = gate_up.split(self.intermediate, dim=-1)
+        h = F.silu(gate) * up
+        return self.down_proj(h) if self.lora is None else self.lora(h, self.down_proj(h), "down_proj")
 
 
 class DecoderLayer(nn.Module):

@@ -30,7 +30,8 @@ class DraftProposer:
         return self.model(input_ids, positions, self.kv_caches, meta), last
 
     def observe(self, rows: list[ScheduledRequest], proposals: list[list[int]]) -> None:
-        rest = sorted((r for r, p in zip(rows, proposals) if not p), key=lambda r: r.num_tokens != 1)
+        rest = [r for r, p in zip(rows, proposals) if not p]
+        rest.sort(key=lambda r: (r.num_tokens != 1, r.start_pos))  # the runner's batch order
         if rest:
             self._forward(rest)
 

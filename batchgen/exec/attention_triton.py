@@ -1,0 +1,43 @@
+"""Attention over the paged KV cache, Triton backend (CUDA; on CPU only under TRITON_INTERPRET=1).
+
+Same call as the torch backend (`batchgen.exec.attention.paged_attention`): the step's new K/V go
+into the cache with `kernels.store_kv`, then one `kernels.paged_attention` call serves the whole
+mixed batch (split-K for one-token rows, tiled online softmax for chunks). It reads the per-row
+fields of AttentionMetadata (cu_seqlens_q, context_lens, block_tables), which ModelRunner.prepare
+fills when its attention_backend is "triton".
+
+Importing this module imports triton and builds the kernels: import it only once the backend is chosen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from batchgen.exec.attention import AttentionMetadata
+from kernels._utils import interpreted as _interpreted
+from kernels.paged_attention import _decode_kernel
+from kernels.paged_attention import paged_attention as _paged_attention
+from kernels.store_kv import store_kv
+
+
+def interpreted() -> bool:
+    """True when the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return _interpreted(_decode_kernel)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]; returns [tokens, heads, d]."""
+    if meta.cu_seqlens_q is None:
+        raise ValueError("the Triton attention backend needs cu_seqlens_q / context_lens / block_tables in "
+                         "AttentionMetadata: set ModelRunner.attention_backend = 'triton'")
+    store_kv(k, v, kv_cache, meta.slot_mapping)
+    return _paged_attention(q, kv_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, scale,
+                            max_q_len=meta.max_q_len or None, max_context_len=meta.max_context_len or None)
+
+
+def use_triton_attention(model: torch.nn.Module) -> None:
+    """Route every attention layer of `model` (those with an `attention_fn`) to this backend."""
+    for module in model.modules():
+        if hasattr(module, "attention_fn"):
+            module.attention_fn = paged_attention
