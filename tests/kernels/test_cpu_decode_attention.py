@@ -1,0 +1,26 @@
+"""The C++ CPU decode-attention kernel against its torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.cpu_decode_attention import decode_attention, decode_attention_ref, load
+
+pytestmark = pytest.mark.skipif(load() is None, reason="no C++ compiler for the CPU kernel here")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 3), (8, 2)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_matches_reference(dtype, tol, heads, kv_heads, block_size):
+    gen = torch.Generator().manual_seed(heads * block_size)
+    rows, d, num_blocks = 7, 32, 40
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(dtype)
+    ctx = torch.tensor([1, block_size - 1, block_size, block_size + 1, 3 * block_size, 2, 5 * block_size - 3])
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:5] for _ in range(rows)])
+    q = torch.randn(rows, heads, d, generator=gen).to(dtype)
+    out = decode_attention(q, k_cache, v_cache, tables, ctx, 0.17)
+    ref = decode_attention_ref(q, k_cache, v_cache, tables, ctx, 0.17)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
