@@ -56,7 +56,7 @@ def expected_probs(logits, temperature=1.0, top_k=-1, top_p=1.0, min_p=0.0, supp
     probs = normalised(keep)
     if min_p > 0:
         top = max(probs.values())
-        for i, p in probs.items():
+        for p in probs.values():
             assert abs(p - min_p * top) > 1e-4, "test case sits on a min_p boundary"
         keep = {i for i, p in probs.items() if p >= min_p * top}
         probs = {i: probs[i] / sum(probs[j] for j in keep) for i in keep}

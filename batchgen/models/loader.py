@@ -62,8 +62,8 @@ def _convert_gguf(gguf: Path, cache_name: str) -> str:
     target = cache_dir() / "models" / cache_name
     if (target / "config.json").exists():
         return str(target)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
