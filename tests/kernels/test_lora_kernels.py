@@ -177,8 +177,10 @@ def test_empty_and_max_seg_len_hint():
 # ---- the engine's LoRA layer on the Triton path (what CUDA runs) against its torch path ----------------
 
 
-@pytest.mark.parametrize("pattern", ["zipf", "with_base", "distinct"])
+@pytest.mark.parametrize("pattern", ["zipf", "with_base", "distinct", "identical"])
 def test_lora_layer_triton_path_matches_torch_path(pattern):
+    """LoRAWeights.apply on both paths against a dense per-token oracle, every fused projection; the
+    torch path in both of its forms (each slot's tokens one run: `identical`; scattered: the rest)."""
     from transformers import LlamaConfig
 
     from batchgen.lora.adapters import LoRAAdapter, ProjectionDims
