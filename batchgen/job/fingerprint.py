@@ -2,9 +2,11 @@
 
 Row keys are (shard index, row index), so the shard list (names, formats, sizes) is part of it;
 so is everything that changes a row's output (model, sampling, engine settings, prompt columns,
-error policy, kept columns). Commit cadence, the grouping window and the engine's throughput
-knobs are not: they change when and how fast rows are made, not what a row asks for, and a job
-requeued onto a bigger GPU must be able to raise max_num_seqs and still resume.
+error policy, kept columns, LoRA adapters). Commit cadence, the grouping window, the engine's
+throughput knobs, speculative decoding (lossless: it changes how fast tokens come, not their
+distribution) and how the rows are split over tasks and GPUs are not: they change when and how fast
+rows are made, not what a row asks for, and a job requeued onto a bigger GPU must be able to raise
+max_num_seqs and still resume. (The task count is checked separately: see tasks.py.)
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def job_fingerprint(spec: JobSpec, shards: list[Shard]) -> dict[str, Any]:
                    if isinstance(spec.output.keep_columns, tuple) else spec.output.keep_columns},
         "on_error": spec.on_error,
     }
+    if spec.lora is not None:  # only when set: outputs of jobs without adapters keep their fingerprint
+        fingerprint["lora"] = {"adapters": dict(sorted(spec.lora.adapters.items())), "column": spec.lora.column}
     return json.loads(json.dumps(fingerprint))
 
 

@@ -170,12 +170,21 @@ class OutputDir:
         return rolled, removed
 
     def reset(self) -> None:
-        """Remove everything batchgen wrote here (for --force): the parts it committed and _batchgen/."""
+        """Remove this job's output (for --force): the parts it committed, its manifest, records and stats.
+
+        Other files under _batchgen/ (an array's array.json, Slurm logs) stay.
+        """
         for record in self.records():
             if record.get("part"):
                 store.remove(self.fs, self.path(record["part"]))
-        if self.fs.exists(self.meta):
-            self.fs.rm(self.meta, recursive=True)
+        for directory in (self.commits_dir, self.pending_dir):
+            if self.fs.exists(directory):
+                try:
+                    self.fs.rm(directory, recursive=True)
+                except FileNotFoundError:
+                    pass
+        for name in ("manifest.json", "stats.json"):
+            store.remove(self.fs, store.join(self.meta, name))
         self._last_seq = None
 
     def _read_json(self, path: str) -> dict[str, Any] | None:

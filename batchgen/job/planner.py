@@ -2,7 +2,9 @@
 
 Offline we know many rows ahead, so we can order them: sorting a window by token ids is a
 depth-first walk of the prefix trie, so rows that share a system prompt or few-shot block run
-back to back and hit the engine's radix cache instead of recomputing the shared prefix.
+back to back and hit the engine's radix cache instead of recomputing the shared prefix. With LoRA
+adapters the key is (adapter, token ids): rows of one adapter run together (adapter swaps are rare)
+and, within them, in prefix order (the radix cache is keyed by adapter too).
 
 Every way a row can be unusable is decided here, before the engine sees it, so that
 on_error: fail can stop before generating anything of that row's window.
@@ -32,6 +34,7 @@ class Planned:
     token_ids: array | None = None  # int32: a window holds ~4 bytes per token, not ~36 as a list would
     params: SamplingParams | None = None
     error: str | None = None
+    lora: str | None = None  # the adapter this row runs with; None: the base model
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -49,6 +52,8 @@ class Planner:
         self.list_output = spec.list_output
         self.with_logprobs = spec.with_logprobs
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.lora_column = spec.lora.column if spec.lora is not None else None
+        self.adapters = tuple(spec.lora.adapters) if spec.lora is not None else ()
 
     def windows(self, rows: Iterable[Row], size: int) -> Iterator[list[Planned]]:
         window: list[Row] = []
@@ -71,6 +76,7 @@ class Planner:
                 if row.error is not None:
                     raise RowError(row.error)
                 item.params = self.row_params(row.data)
+                item.lora = self.row_adapter(row.data)
                 if row.messages is not None:
                     chat.append((item, self._render(row.messages)))
                 else:
@@ -86,8 +92,23 @@ class Planner:
                 item.error = (f"prompt has {n} tokens, but max_model_len is {self.max_model_len} "
                               "and at least one token must be generated")
         bad += [item for item in good if item.error]
-        good = sorted((item for item in good if not item.error), key=lambda item: item.token_ids)
+        good = sorted((item for item in good if not item.error), key=lambda item: (item.lora or "", item.token_ids))
         return bad + good
+
+    def row_adapter(self, data: dict[str, Any]) -> str | None:
+        """The LoRA adapter the row's lora column names; None (the base model) for null or ""."""
+        if self.lora_column is None:
+            return None
+        name = data.get(self.lora_column)
+        if name is None or name == "":
+            return None
+        if not isinstance(name, str):
+            raise RowError(f"{self.lora_column!r} must be an adapter name (a string) or null, "
+                           f"got {type(name).__name__}")
+        if name not in self.adapters:
+            raise RowError(f"unknown LoRA adapter {name!r} in column {self.lora_column!r}; "
+                           f"the job's lora.adapters are {', '.join(map(repr, self.adapters))}")
+        return name
 
     def row_params(self, data: dict[str, Any]) -> SamplingParams:
         """The job's sampling defaults with this row's columns of the same names applied."""

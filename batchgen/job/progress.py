@@ -33,12 +33,18 @@ class Progress:
             self._last_refresh = now
             s = self.engine_stats()
             tokens = s.get("generated_tokens", 0) - self._tokens_before
-            self.bar.set_postfix_str(
-                f"{tokens / max(now - self._start, 1e-9):.0f} tok/s, "
-                f"prefix hit {s.get('prefix_cache_hit_rate', 0.0):.0%}", refresh=False)
+            self.bar.set_postfix_str(postfix(tokens / max(now - self._start, 1e-9), s), refresh=False)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def postfix(tokens_per_s: float, stats: dict[str, Any]) -> str:
+    """"123 tok/s, prefix hit 45%[, spec accept 67%]" from engine statistics."""
+    text = f"{tokens_per_s:.0f} tok/s, prefix hit {stats.get('prefix_cache_hit_rate', 0.0):.0%}"
+    if stats.get("spec_acceptance_rate") is not None:
+        text += f", spec accept {stats['spec_acceptance_rate']:.0%}"
+    return text
 
 
 def format_summary(stats: dict[str, Any]) -> str:
@@ -53,4 +59,8 @@ def format_summary(stats: dict[str, Any]) -> str:
             f"  this run: {run['rows']} rows ({run['errors']} errors, {run['skipped']} skipped) in "
             f"{run['wall_time_s']:.1f}s ({run['generation_time_s']:.1f}s generating); "
             f"{run['generated_tokens']} tokens generated, {run['output_tokens_per_s']:.1f} tok/s; "
-            f"prefix-cache hit rate {run['prefix_cache_hit_rate']:.1%}")
+            f"prefix-cache hit rate {run['prefix_cache_hit_rate']:.1%}"
+            + (f"; speculative acceptance {run['spec_acceptance_rate']:.1%} "
+               f"({run.get('spec_mean_accepted_length', 0.0):.2f} tokens per verify step)"
+               if run.get("spec_acceptance_rate") is not None else "")
+            + (f"; {run['data_parallel']} engine processes" if run.get("data_parallel", 1) > 1 else ""))

@@ -2,6 +2,8 @@
 
     run_job("job.yaml")                         # what `batchgen run` calls
     run_job(spec, engine=engine, quiet=True)    # in-process, reusing an Engine built for spec's model
+    run_job("job.yaml", task_index=2, num_tasks=8)      # one task of an array job (tasks.py)
+    run_job("job.yaml", data_parallel="auto")           # one engine process per GPU (parallel.py)
 
 The engine sees only add_request/step. The loop keeps about 2 * max_num_seqs rows in flight, so
 the scheduler always has a queue to fill its batch from while the rest of the input waits on disk.
@@ -21,22 +23,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchgen.job.failpoints import failpoint
-from batchgen.job.fingerprint import fingerprint_diff, job_fingerprint
+from batchgen.job.fingerprint import job_fingerprint
 from batchgen.job.manifest import COUNTERS, OutputDir, RowSet, job_totals
 from batchgen.job.planner import Planned, Planner
 from batchgen.job.progress import Progress
-from batchgen.job.reader import EVERY_ROW, Reader, Row, RowShare
+from batchgen.job.reader import Reader, Row
 from batchgen.job.schema import OutputSchema
 from batchgen.job.shards import resolve_shards
 from batchgen.job.signals import StopSignals
 from batchgen.job.spec import JobSpec, apply_overrides, load_spec
+from batchgen.job.tasks import JobConflict, open_output, open_task_output, resolve_data_parallel, resolve_task
 from batchgen.job.writer import PartWriter
 
 logger = logging.getLogger("batchgen")
 
+__all__ = ["JobConflict", "JobFailed", "JobResult", "open_output", "run_job"]
 
-class JobConflict(RuntimeError):
-    """The output directory belongs to a different job (or to no job at all)."""
+# Engine statistics of speculative decoding that stats.json and the summary report when present.
+SPEC_STATS = ("spec_acceptance_rate", "spec_mean_accepted_length", "spec_acceptance_per_position")
 
 
 class JobFailed(RuntimeError):
@@ -59,14 +63,18 @@ class JobResult:
 
 
 def run_job(job: JobSpec | str | os.PathLike | dict, *, overrides: list[str] | tuple[str, ...] = (),
-            force: bool = False, quiet: bool = False, engine: Any = None, share: RowShare = EVERY_ROW) -> JobResult:
-    """Run (or resume) a job to completion or until SIGTERM/SIGINT.
+            force: bool = False, quiet: bool = False, engine: Any = None, task_index: int | None = None,
+            num_tasks: int | None = None, data_parallel: int | str | None = None) -> JobResult:
+    """Run (or resume) a job, or this process's task of it, to completion or until SIGTERM/SIGINT.
 
     job: a JobSpec, a job file path, or the job file's content as a dict (paths relative to cwd).
     overrides: `--set` items for a job file or dict, e.g. ["sampling.max_tokens=64"].
     force: start over when OUT holds a different job's output (that output is deleted).
     engine: an Engine already built for the job's model, reused instead of loading a new one.
-    share: the rows of one task of an array job.
+    task_index, num_tasks: this run's task of an array job; unset: the job file's sharding, then a
+        Slurm array's environment (see tasks.py), else the whole job.
+    data_parallel: "auto" (one engine process per visible GPU) or a number of engine processes
+        over disjoint parts of this task's rows; unset: the job file's sharding.data_parallel, else 1.
     """
     if isinstance(job, JobSpec):
         if overrides:
@@ -76,61 +84,76 @@ def run_job(job: JobSpec | str | os.PathLike | dict, *, overrides: list[str] | t
         spec = JobSpec.from_dict(apply_overrides(copy.deepcopy(job), overrides), os.getcwd())
     else:
         spec = load_spec(job, overrides)
+    task = resolve_task(spec.sharding, task_index, num_tasks)
+    workers, gpus = resolve_data_parallel(data_parallel if data_parallel is not None else spec.sharding.data_parallel,
+                                          spec.engine.get("device", "auto"))
+    if workers > 1 and engine is not None:
+        raise ValueError("data_parallel > 1 starts one engine per process; do not pass engine=")
     start = time.perf_counter()
     with StopSignals() as signals:
         shards = resolve_shards(spec.input)
-        out = OutputDir(spec.output.path)
-        manifest = open_output(out, job_fingerprint(spec, shards), force)
+        out, manifest = open_task_output(spec.output.path, job_fingerprint(spec, shards), task, force)
+        if task.is_array:
+            logger.info("%s: rows with (shard + row) %% %d == %d, output in %s",
+                        task.describe(), task.count, task.index, out.url)
         done = out.committed_rows()
         if len(done):
             logger.info("resuming %s: %d rows already committed", out.url, len(done))
-        reader = Reader(shards, spec.input, columns=spec.read_columns, share=share, skip=done.contains)
+        reader = Reader(shards, spec.input, columns=spec.read_columns, share=task.share, skip=done.contains)
         if "total_rows" not in manifest:
             manifest["total_rows"] = reader.count()
             out.write_manifest(manifest)
+        if workers > 1:
+            from batchgen.job.parallel import run_parallel
+
+            stats = run_parallel(spec, out, manifest, reader, len(done), task, workers, gpus, signals, quiet, start)
+            return JobResult(out.url, stats, signals.received)
         if engine is None:
             from batchgen.engine import (
                 Engine,  # torch is heavy: validate/status/merge never pay for it
             )
 
             engine = Engine(spec.engine_config())
-        run = _Run(spec, engine, out, manifest, reader, done, signals, quiet)
+        progress = Progress(manifest.get("total_rows"), len(done), quiet, engine.stats)
+        run = _Run(spec, engine, out, manifest, reader, done, signals, progress)
         try:
             run.execute()
         finally:
-            stats = run.finish(time.perf_counter() - start)
+            stats = write_stats(out, manifest, run.run_stats(time.perf_counter() - start), run.exhausted,
+                                signals.received)
     return JobResult(out.url, stats, signals.received)
 
 
-def open_output(out: OutputDir, fingerprint: dict[str, Any], force: bool) -> dict[str, Any]:
-    """The manifest of OUT for this job: a new one, the matching one (repaired), or a refusal."""
-    manifest = out.read_manifest()
-    if manifest is not None and manifest["fingerprint"] != fingerprint:
-        if not force:
-            changes = "\n  ".join(fingerprint_diff(manifest["fingerprint"], fingerprint))
-            raise JobConflict(f"{out.url} holds the output of a different job:\n  {changes}\n"
-                              "Rerun with --force to delete that output and start over, or set another output.path.")
-        logger.warning("--force: deleting the previous job's output in %s", out.url)
-        out.reset()
-        manifest = None
-    if manifest is None:
-        foreign = out.foreign_files()
-        if foreign:
-            raise JobConflict(f"{out.url} already holds files batchgen did not write ({', '.join(foreign[:3])}); "
-                              "set output.path to a new or empty directory")
-        manifest = {"fingerprint": fingerprint}
+def ensure_schema(spec: JobSpec, out: OutputDir, manifest: dict[str, Any], reader: Reader,
+                  first: list[Row]) -> OutputSchema:
+    """The output schema: the one in the manifest, or fixed now from the input (and `first` rows)."""
+    if manifest.get("schema"):
+        return OutputSchema.from_json(manifest["schema"])
+    schema = OutputSchema.for_job(spec, reader.arrow_schema(), first)
+    manifest["schema"] = schema.to_json()
+    out.write_manifest(manifest)
+    return schema
+
+
+def write_stats(out: OutputDir, manifest: dict[str, Any], run: dict[str, Any], exhausted: bool,
+                sig: int | None) -> dict[str, Any]:
+    """Write _batchgen/stats.json for this run and the job (this task) so far; return it."""
+    records = out.records()
+    if exhausted and manifest.get("total_rows") is None:
+        # An input too costly to count up front (a remote JSONL file) is counted by reading it once.
+        manifest["total_rows"] = job_totals(records, None)["rows_done"]
         out.write_manifest(manifest)
-    rolled, removed = out.recover()
-    if rolled or removed:
-        logger.info("repaired an interrupted commit in %s: %d part(s) completed, %d uncommitted file(s) removed",
-                    out.url, rolled, removed)
-    manifest.pop("version", None)
-    return manifest
+    job = job_totals(records, manifest.get("total_rows"))
+    stats = {"output": out.url, "interrupted": signal.Signals(sig).name if sig else None, "run": run, "job": job}
+    if manifest.get("task"):
+        stats["task"] = manifest["task"]
+    out.write_stats(stats)
+    return stats
 
 
 class _Run:
     def __init__(self, spec: JobSpec, engine: Any, out: OutputDir, manifest: dict[str, Any], reader: Reader,
-                 done: RowSet, signals: StopSignals, quiet: bool):
+                 done: RowSet, signals: StopSignals, progress: Any, record_extra: dict[str, Any] | None = None):
         self.spec = spec
         self.engine = engine
         self.out = out
@@ -140,7 +163,8 @@ class _Run:
         self.planner = Planner(engine.tokenizer, engine.max_model_len, spec)
         # Enough queued work that the scheduler can always fill a batch, little enough to stay small.
         self.max_in_flight = 2 * engine.config.max_num_seqs
-        self.progress = Progress(manifest.get("total_rows"), len(done), quiet, engine.stats)
+        self.progress = progress  # advance(rows), close()
+        self.record_extra = record_extra  # added to every commit record (data-parallel: the worker)
         self.writer: PartWriter | None = None
         self.in_flight: dict[str, Planned] = {}
         self.loop_seconds = 0.0  # reading, planning and generating; model loading excluded
@@ -156,9 +180,9 @@ class _Run:
             if first is None:
                 self.exhausted = True  # every row is committed already
                 return
-            schema = self._schema(first)
+            schema = ensure_schema(self.spec, self.out, self.manifest, self.reader, [p.row for p in first])
             self.writer = PartWriter(self.out, schema, self.spec.output.commit_every_rows,
-                                     self.spec.output.commit_every_seconds)
+                                     self.spec.output.commit_every_seconds, self.record_extra)
             self._loop(itertools.chain([first], windows), schema)
         finally:
             # Whatever ended the loop (the input, a signal, on_error: fail, a crash), rows in flight
@@ -170,14 +194,6 @@ class _Run:
                 self.writer.commit()
             self.progress.close()
             self.loop_seconds = time.perf_counter() - start
-
-    def _schema(self, first: list[Planned]) -> OutputSchema:
-        if self.manifest.get("schema"):
-            return OutputSchema.from_json(self.manifest["schema"])
-        schema = OutputSchema.for_job(self.spec, self.reader.arrow_schema(), [p.row for p in first])
-        self.manifest["schema"] = schema.to_json()
-        self.out.write_manifest(self.manifest)
-        return schema
 
     def _loop(self, windows: Iterator[list[Planned]], schema: OutputSchema) -> None:
         queue: deque[Planned] = deque()
@@ -196,7 +212,10 @@ class _Run:
                     failed = self._reject(item.row, item.error, item.num_prompt_tokens, schema)
                     finished += 1
                     continue
-                self.engine.add_request(item.row.request_id, item.token_ids.tolist(), item.params)
+                if item.lora is None:
+                    self.engine.add_request(item.row.request_id, item.token_ids.tolist(), item.params)
+                else:
+                    self.engine.add_request(item.row.request_id, item.token_ids.tolist(), item.params, lora=item.lora)
                 self.in_flight[item.row.request_id] = item
             if not self.in_flight:
                 if failed is not None:
@@ -228,8 +247,8 @@ class _Run:
             self.writer.add(schema.failure(row, error, num_prompt_tokens))
         return None
 
-    def finish(self, wall_time: float) -> dict[str, Any]:
-        """Write _batchgen/stats.json for this run and the job so far; return it."""
+    def run_stats(self, wall_time: float) -> dict[str, Any]:
+        """This run's counters and rates (stats.json's "run")."""
         engine_stats = self.engine.stats()
         run = dict(self.writer.committed) if self.writer else dict.fromkeys(COUNTERS, 0)
         # Throughput over the generation loop: a model load is a fixed cost, not a rate.
@@ -237,16 +256,7 @@ class _Run:
         run.update(wall_time_s=wall_time, generation_time_s=self.loop_seconds,
                    rows_per_s=(run["rows"] + run["skipped"]) / loop,
                    output_tokens_per_s=run["generated_tokens"] / loop,
-                   prefix_cache_hit_rate=engine_stats.get("prefix_cache_hit_rate", 0.0),
-                   engine=engine_stats)
-        records = self.out.records()
-        if self.exhausted and self.manifest.get("total_rows") is None:
-            # An input too costly to count up front (a remote JSONL file) is counted by reading it once.
-            self.manifest["total_rows"] = job_totals(records, None)["rows_done"]
-            self.out.write_manifest(self.manifest)
-        job = job_totals(records, self.manifest.get("total_rows"))
-        sig = self.signals.received
-        stats = {"output": self.out.url, "interrupted": signal.Signals(sig).name if sig else None,
-                 "run": run, "job": job}
-        self.out.write_stats(stats)
-        return stats
+                   prefix_cache_hit_rate=engine_stats.get("prefix_cache_hit_rate", 0.0))
+        run.update({k: engine_stats[k] for k in SPEC_STATS if k in engine_stats})
+        run["engine"] = engine_stats
+        return run

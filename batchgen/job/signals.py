@@ -17,8 +17,14 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
-    def __init__(self) -> None:
+    """repeat_exits=False (data-parallel workers): later signals are ignored; the parent process,
+    which may forward a signal its workers also got directly, decides when "now" is.
+    on_exit: called before a second signal exits at once (the parent kills its workers)."""
+
+    def __init__(self, repeat_exits: bool = True) -> None:
         self.received: int | None = None
+        self.repeat_exits = repeat_exits
+        self.on_exit = None
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:  # noqa: PYI034 - Self needs Python 3.11
@@ -36,6 +42,10 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None:
+            if not self.repeat_exits:
+                return
+            if self.on_exit is not None:
+                self.on_exit()
             os._exit(128 + signum)
         self.received = signum
 

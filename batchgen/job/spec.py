@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from batchgen.config import DTYPES, EngineConfig
+from batchgen.config import DTYPES, EngineConfig, SpeculativeConfig
 from batchgen.sampling import SamplingParams
 
 FORMATS = ("auto", "parquet", "jsonl", "openai-batch", "hf-dataset")
@@ -58,6 +58,27 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """Multi-LoRA: each row's `column` names its adapter; null or "" means the base model."""
+    adapters: dict[str, str]  # name -> PEFT adapter directory (made absolute when local)
+    column: str = "lora"
+    max_loras: int = 8  # adapters resident on the device at once
+    max_lora_rank: int = 64
+
+
+@dataclass(frozen=True)
+class ShardingSpec:
+    """How the rows are split: over the tasks of an array job, and over the GPUs of one task.
+
+    Unset fields come from the command line (--task-index/--num-tasks/--data-parallel) or, inside a
+    Slurm array, from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (see batchgen/job/tasks.py).
+    """
+    num_tasks: int | None = None
+    task_index: int | None = None
+    data_parallel: int | str | None = None  # "auto" (one engine per visible GPU) or a number of processes
+
+
+@dataclass(frozen=True)
 class JobSpec:
     model: ModelSpec
     input: InputSpec
@@ -66,9 +87,19 @@ class JobSpec:
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig arguments other than model/dtype
     on_error: str = "record"
     source: str | None = None  # the job file it came from, for messages
+    speculative: dict[str, Any] | None = None  # SpeculativeConfig arguments; None: off
+    lora: LoraSpec | None = None
+    sharding: ShardingSpec = field(default_factory=ShardingSpec)
 
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig.from_kwargs(model=self.model.path, dtype=self.model.dtype, **self.engine)
+    def engine_config(self, **changes: Any) -> EngineConfig:
+        args = dict(self.engine)
+        if self.speculative is not None:
+            args["speculative"] = dict(self.speculative)
+        if self.lora is not None:
+            args.update(lora_adapters=dict(self.lora.adapters), max_loras=self.lora.max_loras,
+                        max_lora_rank=self.lora.max_lora_rank)
+        args.update(changes)
+        return EngineConfig.from_kwargs(model=self.model.path, dtype=self.model.dtype, **args)
 
     @property
     def list_output(self) -> bool:
@@ -83,7 +114,12 @@ class JobSpec:
     def read_columns(self) -> set[str] | None:
         """Input columns to pass through (ids, prompts and overrides are read anyway); None: all."""
         keep = self.output.keep_columns
-        return None if keep == "all" else set(() if keep == "none" else keep)
+        if keep == "all":
+            return None
+        columns = set(() if keep == "none" else keep)
+        if self.lora is not None:
+            columns.add(self.lora.column)  # read to route the row, whether or not it is kept
+        return columns
 
     @classmethod
     def from_dict(cls, raw: Any, base_dir: str = ".", source: str | None = None) -> JobSpec:
@@ -131,7 +167,7 @@ def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> Any:
 
 # ---- parsing ------------------------------------------------------------------------------------
 
-_SECTIONS = ("model", "input", "output", "sampling", "engine", "on_error")
+_SECTIONS = ("model", "input", "output", "sampling", "engine", "speculative", "lora", "sharding", "on_error")
 
 
 def _parse(raw: Any, base_dir: str, source: str | None) -> JobSpec:
@@ -143,6 +179,9 @@ def _parse(raw: Any, base_dir: str, source: str | None) -> JobSpec:
     engine = top.section("engine")
     on_error = top.choice("on_error", ON_ERROR, "record")
     top.done(_SECTIONS)
+    speculative = _speculative(top.get("speculative"), base_dir)
+    lora = _lora(top.get("lora"), base_dir)
+    sharding = _sharding(top.section("sharding"))
 
     model_spec = ModelSpec(path=_model_path(model.string("path", "smollm2-135m"), base_dir),
                            dtype=model.choice("dtype", DTYPES, "auto"))
@@ -175,7 +214,8 @@ def _parse(raw: Any, base_dir: str, source: str | None) -> JobSpec:
 
     params = _sampling(sampling)
     engine_args = _engine(engine)
-    return JobSpec(model_spec, input_spec, output_spec, params, engine_args, on_error, source)
+    return JobSpec(model_spec, input_spec, output_spec, params, engine_args, on_error, source,
+                   speculative=speculative, lora=lora, sharding=sharding)
 
 
 def _input_paths(inp: _Section, base_dir: str) -> tuple[str, ...]:
@@ -217,17 +257,98 @@ def _sampling(section: _Section) -> SamplingParams:
         raise JobSpecError(_field_error("sampling", "SamplingParams", str(e))) from None
 
 
+# EngineConfig fields that have a section of their own in the job file.
+_ELSEWHERE = {"model": "model.path", "dtype": "model.dtype", "speculative": "the speculative: section",
+              "lora_adapters": "lora.adapters", "max_loras": "lora.max_loras", "max_lora_rank": "lora.max_lora_rank"}
+
+
 def _engine(section: _Section) -> dict[str, Any]:
-    for key in ("model", "dtype"):
+    for key, where in _ELSEWHERE.items():
         if key in section.values:
-            raise JobSpecError(f"engine.{key}: not allowed here; set model.{'path' if key == 'model' else key}")
-    allowed = [f for f in EngineConfig.field_names() if f not in ("model", "dtype")]
+            raise JobSpecError(f"engine.{key}: not allowed here; set {where}")
+    allowed = [f for f in EngineConfig.field_names() if f not in _ELSEWHERE]
     section.done(allowed)
     try:
         EngineConfig.from_kwargs(**section.values)
     except (TypeError, ValueError) as e:
         raise JobSpecError(_field_error("engine", "engine", str(e))) from None
     return dict(section.values)
+
+
+_SPECULATIVE_FIELDS = [f.name for f in dataclasses.fields(SpeculativeConfig)]
+
+
+def _speculative(raw: Any, base_dir: str) -> dict[str, Any] | None:
+    """`speculative: {method: ngram, num_speculative_tokens: 3, ...}`; absent or null: off."""
+    if raw is None:
+        return None
+    section = _Section(raw, "speculative")
+    section.done(_SPECULATIVE_FIELDS)
+    values = dict(section.values)
+    if isinstance(values.get("draft_model"), str) and values["draft_model"]:
+        values["draft_model"] = _model_path(values["draft_model"], base_dir)
+    try:
+        SpeculativeConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise JobSpecError(_field_error("speculative", "speculative", str(e))) from None
+    return values
+
+
+_LORA_FIELDS = ["adapters", "column", "max_loras", "max_lora_rank"]
+
+
+def _lora(raw: Any, base_dir: str) -> LoraSpec | None:
+    """`lora: {adapters: {name: dir}, column: lora, max_loras: 8, max_lora_rank: 64}`; absent or null: off."""
+    if raw is None:
+        return None
+    section = _Section(raw, "lora")
+    section.done(_LORA_FIELDS)
+    adapters = section.get("adapters")
+    allowed = "a mapping of adapter name -> PEFT LoRA directory"
+    if adapters is None:
+        raise JobSpecError(f"lora.adapters: missing; expected {allowed}")
+    if not isinstance(adapters, dict) or not adapters:
+        raise JobSpecError(f"lora.adapters: {adapters!r} is not allowed; expected {allowed} (at least one)")
+    resolved = {}
+    for name, path in adapters.items():
+        if not isinstance(name, str) or not name:
+            raise JobSpecError(f"lora.adapters: the name {name!r} is not allowed; expected a non-empty string")
+        if not isinstance(path, str) or not path:
+            raise JobSpecError(f"lora.adapters.{name}: {path!r} is not allowed; "
+                               "expected the path of a PEFT LoRA directory (relative to the job file)")
+        resolved[name] = _resolve(path, base_dir)
+    return LoraSpec(resolved, column=section.string("column", "lora"),
+                    max_loras=section.integer("max_loras", 8, minimum=1),
+                    max_lora_rank=section.integer("max_lora_rank", 64, minimum=1))
+
+
+_SHARDING_FIELDS = ["num_tasks", "task_index", "data_parallel"]
+
+
+def _sharding(section: _Section) -> ShardingSpec:
+    section.done(_SHARDING_FIELDS)
+    num_tasks = section.optional_integer("num_tasks", minimum=1)
+    task_index = section.optional_integer("task_index", minimum=0)
+    if num_tasks is not None and task_index is not None and task_index >= num_tasks:
+        raise JobSpecError(f"sharding.task_index: {task_index} is not allowed; "
+                           f"expected an integer in [0, {num_tasks}) (sharding.num_tasks is {num_tasks})")
+    data_parallel = section.get("data_parallel")
+    try:
+        data_parallel = parse_data_parallel(data_parallel)
+    except ValueError as e:
+        raise JobSpecError(f"sharding.data_parallel: {e}") from None
+    return ShardingSpec(num_tasks, task_index, data_parallel)
+
+
+def parse_data_parallel(value: Any) -> int | str | None:
+    """None, "auto" or an integer >= 1 (a numeric string from the command line too)."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f"{value!r} is not allowed; expected auto or an integer >= 1")
 
 
 def _field_error(path: str, prefix: str, message: str) -> str:
@@ -298,6 +419,14 @@ class _Section:
         value = self.values.get(key, default)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise JobSpecError(f"{self._where(key)}: {value!r} is not allowed; expected an integer >= {minimum}")
+        return value
+
+    def optional_integer(self, key: str, *, minimum: int) -> int | None:
+        value = self.values.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise JobSpecError(f"{self._where(key)}: {value!r} is not allowed; expected an integer >= {minimum} or null")
         return value
 
     def number(self, key: str, default: float, *, minimum: float) -> float:

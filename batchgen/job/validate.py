@@ -7,16 +7,18 @@ lengths and the KV-cache memory a row needs, from the model config alone.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from batchgen.job.fingerprint import fingerprint_diff, job_fingerprint
-from batchgen.job.manifest import OutputDir, job_totals
+from batchgen.job.manifest import job_totals
 from batchgen.job.planner import Planner
 from batchgen.job.reader import Reader
 from batchgen.job.shards import Shard, resolve_shards
 from batchgen.job.spec import JobSpec
+from batchgen.job.tasks import OutputLayout
 
 _MAX_EXAMPLES = 10
 MiB = 1 << 20
@@ -34,11 +36,13 @@ class Validation:
     prompt_tokens: list[int] = field(default_factory=list)  # of good rows
     kv_tokens: list[int] = field(default_factory=list)  # prompt + generation budget of good rows
     output: str = ""  # what a run would do with output.path
+    adapter_rows: Counter = field(default_factory=Counter)  # good rows per LoRA adapter (None: the base model)
+    missing_adapters: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         """False when a run would stop: on_error: fail with a bad row."""
-        return not (self.spec.on_error == "fail" and self.bad_rows)
+        return not (self.spec.on_error == "fail" and self.bad_rows) and not self.missing_adapters
 
     def format(self) -> str:
         lines = [f"job: {self.spec.source or '(in-memory)'}",
@@ -58,6 +62,12 @@ class Validation:
             per_token = self.kv_bytes_per_token
             lines.append(f"KV cache per concurrent row (prompt + max_tokens, {per_token / 1024:.1f} KiB/token): "
                          f"median {kv[len(kv) // 2] * per_token / MiB:.1f} MiB, max {kv[-1] * per_token / MiB:.1f} MiB")
+        if self.spec.lora is not None:
+            lines.append("LoRA adapters (rows): " + ", ".join(
+                f"{name} ({self.adapter_rows.get(name, 0)})" + (" MISSING" if name in self.missing_adapters else "")
+                for name in self.spec.lora.adapters) + f"; base model ({self.adapter_rows.get(None, 0)})")
+            for name in self.missing_adapters:
+                lines.append(f"  lora.adapters.{name}: {self.spec.lora.adapters[name]} has no adapter_config.json")
         lines.append(f"output: {self.output}")
         return "\n".join(lines)
 
@@ -83,8 +93,12 @@ def validate_job(spec: JobSpec) -> Validation:
             n = item.num_prompt_tokens
             budget = item.params.max_tokens or max_model_len
             report.prompt_tokens.append(n)
+            report.adapter_rows[item.lora] += 1
             report.kv_tokens.append(min(n + budget, max_model_len) + (item.params.n - 1) * budget)
     report.output = _output_state(spec, shards)
+    if spec.lora is not None:
+        report.missing_adapters = [name for name, path in spec.lora.adapters.items()
+                                   if "://" not in path and not os.path.exists(os.path.join(path, "adapter_config.json"))]
     return report
 
 
@@ -116,12 +130,23 @@ def histogram(values: list[int]) -> list[tuple[str, int]]:
 
 
 def _output_state(spec: JobSpec, shards: list[Shard]) -> str:
-    out = OutputDir(spec.output.path)
+    layout = OutputLayout(spec.output.path)
+    fingerprint = job_fingerprint(spec, shards)
+    array = layout.read_array()
+    if array is not None:
+        committed = layout.committed(int(array["num_tasks"]))
+        state = (f"{layout.url}: an array of {array['num_tasks']} tasks, {sum(committed.values())} rows committed "
+                 f"({', '.join(f'task {i}: {n}' for i, n in sorted(committed.items())) or 'no task started'})")
+        if array["fingerprint"] != fingerprint:
+            changes = "; ".join(fingerprint_diff(array["fingerprint"], fingerprint))
+            return f"{state}, of a different job ({changes}): run refuses it without --force"
+        return f"{state}; its tasks resume from there"
+    out = layout.root
     manifest = out.read_manifest()
     if manifest is None:
         return f"{out.url} (new)"
-    if manifest["fingerprint"] != job_fingerprint(spec, shards):
-        changes = "; ".join(fingerprint_diff(manifest["fingerprint"], job_fingerprint(spec, shards)))
+    if manifest["fingerprint"] != fingerprint:
+        changes = "; ".join(fingerprint_diff(manifest["fingerprint"], fingerprint))
         return f"{out.url} holds a different job's output ({changes}): run refuses it without --force"
     totals = job_totals(out.records(), manifest.get("total_rows"))
     return f"{out.url}: {totals['rows_done']} rows committed; run resumes from there"

@@ -13,8 +13,10 @@ from batchgen.job.schema import OutputSchema
 
 
 class PartWriter:
-    def __init__(self, out: OutputDir, schema: OutputSchema, every_rows: int, every_seconds: float):
+    def __init__(self, out: OutputDir, schema: OutputSchema, every_rows: int, every_seconds: float,
+                 record_extra: dict[str, Any] | None = None):
         self.out = out
+        self.record_extra = record_extra or {}  # added to each commit record
         self.schema = schema
         self.every_rows = every_rows
         self.every_seconds = every_seconds
@@ -66,6 +68,7 @@ class PartWriter:
             "rows": encode_keys((r["_shard_index"], r["_row_index"]) for r in records),
             "skipped": encode_keys(self._skipped),
             **{f"num_{k}": v for k, v in counts.items()},
+            **self.record_extra,
         })
         for k, v in counts.items():
             self.committed[k] += v

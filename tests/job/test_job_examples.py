@@ -9,7 +9,6 @@ import pyarrow.dataset as pads
 import pytest
 from conftest import REPO, run_cli
 
-
 pytestmark = pytest.mark.slow  # the embedded model
 
 

@@ -219,17 +219,20 @@ def test_merge_restores_input_order_across_parts_and_task_outputs(tmp_path):
     write_rows(wb, [0], shard=1)
     wb.commit()
     merged = str(tmp_path / "merged.parquet")
-    totals = merge_outputs([a, b], merged)
+    with pytest.raises(OutputError, match=r"rows are missing, not finished: .*task0 \(4/10 rows\).*--allow-partial"):
+        merge_outputs([a, b], merged)  # both outputs declare 10 rows: neither has finished
+    totals = merge_outputs([a, b], merged, allow_partial=True)
+    assert not totals["complete"] and len(totals["unfinished"]) == 2
     table = pads.dataset(merged).to_table()
     assert table["id"].to_pylist() == ["id-0-0", "id-0-1", "id-0-2", "id-0-3", "id-0-4", "id-0-5", "id-1-0", "id-1-3"]
     assert "_row_index" not in table.column_names and totals["rows"] == 8
 
     with pytest.raises(OutputError, match="more than one output"):
-        merge_outputs([a, a], str(tmp_path / "dup.parquet"))
+        merge_outputs([a, a], str(tmp_path / "dup.parquet"), allow_partial=True)
     other = OutputDir(str(tmp_path / "other"))
     other.write_manifest({"fingerprint": {"different": True}})
     with pytest.raises(OutputError, match="different job"):
-        merge_outputs([a, str(tmp_path / "other")], str(tmp_path / "x.parquet"))
+        merge_outputs([a, str(tmp_path / "other")], str(tmp_path / "x.parquet"), allow_partial=True)
     with pytest.raises(OutputError, match="not a batchgen output"):
         output_status(str(tmp_path / "nowhere"))
 

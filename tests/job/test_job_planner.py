@@ -88,3 +88,20 @@ def test_windows_cover_every_row_once(tokenizer):
     windows = list(planner.windows((row(i, prompt=f"p{i}") for i in range(7)), size=3))
     assert [len(w) for w in windows] == [3, 3, 1]
     assert sorted(p.row.index for w in windows for p in w) == list(range(7))
+
+
+def test_lora_rows_are_routed_by_their_column_and_grouped_by_adapter(tokenizer):
+    spec = JobSpec.from_dict({"input": {"path": "x.jsonl"}, "output": {"path": "out"},
+                              "lora": {"adapters": {"sql": "a", "poem": "b"}}}, "/")
+    planner = Planner(tokenizer, 512, spec)
+    prompts = ["the sea", "cats", "the sea at night", "rain", "cats and dogs", "dogs", "x", "y"]
+    adapters = ["poem", None, "sql", "", "poem", "sql", "nope", 3]
+    planned = planner.plan([row(i, prompt=p, lora=a) for i, (p, a) in enumerate(zip(prompts, adapters))])
+    bad = {p.row.index: p.error for p in planned if p.error}
+    assert bad == {6: "unknown LoRA adapter 'nope' in column 'lora'; the job's lora.adapters are 'sql', 'poem'",
+                   7: "'lora' must be an adapter name (a string) or null, got int"}
+    good = [p for p in planned if not p.error]
+    keys = [(p.lora or "", p.token_ids.tolist()) for p in good]
+    assert keys == sorted(keys)  # one adapter after the other, prefix order within each
+    assert [p.lora for p in good].count(None) == 2  # null and "" are the base model
+    assert {p.row.index: p.lora for p in good} == {0: "poem", 1: None, 2: "sql", 3: None, 4: "poem", 5: "sql"}

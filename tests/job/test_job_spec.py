@@ -125,3 +125,66 @@ def test_shipped_job_files_are_valid():
     assert "demo.yaml" in names
     for name in names:
         load_spec(os.path.join(jobs, name))
+
+
+# ---- speculative, lora, sharding ------------------------------------------------------------------
+
+def test_speculative_section_becomes_the_engine_config():
+    spec = JobSpec.from_dict(minimal(speculative={"method": "ngram", "num_speculative_tokens": 4,
+                                                  "prompt_lookup_max": 5}), "/jobs")
+    config = spec.engine_config()
+    assert config.speculative.method == "ngram" and config.speculative.num_speculative_tokens == 4
+    assert config.speculative.prompt_lookup_max == 5
+    assert JobSpec.from_dict(minimal(), "/jobs").engine_config().speculative is None
+    draft = JobSpec.from_dict(minimal(speculative={"method": "draft", "draft_model": "models/tiny"}), "/jobs")
+    assert draft.speculative["draft_model"] == "models/tiny"  # not beside the job file: kept as an alias
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"speculative": {"method": "medusa"}}, "speculative.method: 'medusa' is not allowed; expected one of ngram, draft"),
+    ({"speculative": {"num_speculative_tokens": 0}},
+     "speculative.num_speculative_tokens: 0 is not allowed; expected an int >= 1"),
+    ({"speculative": {"method": "draft"}}, "speculative.draft_model: None is not allowed"),
+    ({"speculative": {"prompt_lookup_min": 3, "prompt_lookup_max": 2}}, "speculative.prompt_lookup_max: 2 is not allowed"),
+    ({"speculative": {"num_tokens": 2}}, "speculative.num_tokens: unknown field"),
+    ({"speculative": "ngram"}, "speculative: a string is not allowed; expected a mapping"),
+    ({"engine__speculative": {"method": "ngram"}}, "engine.speculative: not allowed here; set the speculative: section"),
+    ({"engine__lora_adapters": {"a": "x"}}, "engine.lora_adapters: not allowed here; set lora.adapters"),
+    ({"lora": {"column": "lora"}}, "lora.adapters: missing; expected a mapping of adapter name -> PEFT LoRA directory"),
+    ({"lora": {"adapters": {}}}, "lora.adapters: {} is not allowed"),
+    ({"lora": {"adapters": {"a": 3}}}, "lora.adapters.a: 3 is not allowed; expected the path of a PEFT LoRA directory"),
+    ({"lora": {"adapters": {"a": "x"}, "max_loras": 0}}, "lora.max_loras: 0 is not allowed; expected an integer >= 1"),
+    ({"lora": {"adapters": {"a": "x"}, "colum": "x"}}, "lora.colum: unknown field (did you mean column?)"),
+    ({"sharding": {"num_tasks": 0}}, "sharding.num_tasks: 0 is not allowed; expected an integer >= 1 or null"),
+    ({"sharding": {"task_index": 3, "num_tasks": 2}}, "sharding.task_index: 3 is not allowed; expected an integer in [0, 2)"),
+    ({"sharding": {"data_parallel": 0}}, "sharding.data_parallel: 0 is not allowed; expected auto or an integer >= 1"),
+])
+def test_new_section_errors_name_the_field_path(changes, expected):
+    assert expected in error_of(minimal(**changes))
+
+
+def test_lora_section_paths_are_relative_to_the_job_file_and_reach_the_engine_config():
+    spec = JobSpec.from_dict(minimal(lora={"adapters": {"sql": "adapters/sql", "abs": "/x/y"}, "column": "adapter",
+                                           "max_loras": 2}, output__keep_columns=["topic"]), "/jobs")
+    assert spec.lora.adapters == {"sql": "/jobs/adapters/sql", "abs": "/x/y"}
+    config = spec.engine_config()
+    assert config.lora_adapters == {"sql": "/jobs/adapters/sql", "abs": "/x/y"}
+    assert (config.max_loras, config.max_lora_rank) == (2, 64)
+    assert spec.read_columns == {"topic", "adapter"}  # the adapter column is read even when not kept
+
+
+def test_sharding_section():
+    spec = JobSpec.from_dict(minimal(sharding={"num_tasks": 4, "task_index": 1, "data_parallel": "auto"}), "/jobs")
+    assert (spec.sharding.num_tasks, spec.sharding.task_index, spec.sharding.data_parallel) == (4, 1, "auto")
+    assert JobSpec.from_dict(minimal(sharding={"data_parallel": 2}), "/jobs").sharding.data_parallel == 2
+
+
+def test_lora_is_part_of_the_fingerprint_and_speculative_and_sharding_are_not():
+    from batchgen.job.fingerprint import job_fingerprint
+
+    base = job_fingerprint(JobSpec.from_dict(minimal(), "/jobs"), [])
+    fast = job_fingerprint(JobSpec.from_dict(minimal(speculative={"method": "ngram"},
+                                                     sharding={"num_tasks": 3}), "/jobs"), [])
+    assert base == fast and "lora" not in base
+    lora = job_fingerprint(JobSpec.from_dict(minimal(lora={"adapters": {"a": "a"}}), "/jobs"), [])
+    assert lora["lora"] == {"adapters": {"a": "/jobs/a"}, "column": "lora"}
