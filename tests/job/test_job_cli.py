@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import (
+from tests.job.conftest import (
     DETERMINISTIC_ENGINE,
     REPO,
     SMALL_ENGINE,
@@ -171,7 +171,9 @@ def test_kill_9_at_any_point_then_resume_gives_every_row_once_and_same_results(t
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
     done = check_exactly_once_so_far()
-    assert 0 < done < 10
+    # The kill may land between a part's commit record and its move into OUT: then no row is visible
+    # yet, and the resume below rolls that part forward.
+    assert done < 10
 
     # 2. SIGKILL with a part written but not committed (an orphan), right after a commit point (the
     #    part is still pending: rolled forward), and in the middle of generating; resuming each time.

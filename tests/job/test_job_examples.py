@@ -7,7 +7,7 @@ import sys
 
 import pyarrow.dataset as pads
 import pytest
-from conftest import REPO, run_cli
+from tests.job.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow  # the embedded model
 

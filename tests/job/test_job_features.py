@@ -9,7 +9,7 @@ import signal
 import pyarrow.dataset as pads
 import pytest
 import torch
-from conftest import run_cli, write_job, write_jsonl
+from tests.job.conftest import REPO, run_cli, write_job, write_jsonl
 
 from batchgen.job.manifest import OutputDir
 from batchgen.job.reader import RowShare
@@ -145,7 +145,6 @@ def test_data_parallel_forwards_sigterm_to_its_workers(tiny_dir, tmp_path):
     import sys
     import time
 
-    from conftest import REPO
 
     write_jsonl(tmp_path / "rows.jsonl", [{"id": f"r{i}", "prompt": f"Item {i}:"} for i in range(40)])
     job = write_job(tmp_path / "job.yaml", model={"path": tiny_dir, "dtype": "float32"},

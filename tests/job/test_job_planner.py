@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import chat
+from tests.job.conftest import chat
 
 from batchgen.job.planner import Planner
 from batchgen.job.reader import Row

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest import chat, write_jsonl
+from tests.job.conftest import chat, write_jsonl
 
 from batchgen.job.reader import EVERY_ROW, Reader, RowShare
 from batchgen.job.shards import resolve_shards

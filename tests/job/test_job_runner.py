@@ -8,7 +8,7 @@ import uuid
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-from conftest import SMALL_ENGINE, chat
+from tests.job.conftest import SMALL_ENGINE, chat
 
 from batchgen.job.manifest import OutputDir
 from batchgen.job.outputs import read_output

@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import write_job, write_jsonl
+from tests.job.conftest import write_job, write_jsonl
 
 from batchgen.cli import main as cli
 from batchgen.job.manifest import OutputDir
