@@ -12,22 +12,33 @@ from benchmarks.workloads import Workload
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-def run_batchgen(model_dir: str, dtype: str, wl: Workload, **engine) -> dict:
+def run_batchgen(model_dir: str, dtype: str, wl: Workload, use_lora: bool = False, per_adapter: bool = False,
+                 **engine) -> dict:
     from batchgen import LLM, SamplingParams
 
-    llm = LLM(model_dir, dtype=dtype, **engine)
+    llm = LLM(model_dir, dtype=dtype, **{**wl.engine, **engine})
     warmup = [[7] * 40, [9] * 24]  # shares no prefix with any workload row
     llm.generate(warmup, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     before = llm.stats()
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in wl.max_tokens]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=wl.ignore_eos) for m in wl.max_tokens]
     t = time.perf_counter()
-    outs = llm.generate(wl.prompts, params, use_tqdm=False)
+    if per_adapter:  # the naive way to serve many adapters: one batch per adapter, one after another
+        outs = []
+        for name in sorted(set(wl.lora)):
+            rows = [i for i, a in enumerate(wl.lora) if a == name]
+            outs += llm.generate([wl.prompts[i] for i in rows], [params[i] for i in rows], use_tqdm=False,
+                                 lora=name)
+    else:
+        outs = llm.generate(wl.prompts, params, use_tqdm=False, lora=wl.lora if use_lora else None)
     wall = time.perf_counter() - t
-    assert all(len(o.outputs[0].token_ids) == m for o, m in zip(outs, wl.max_tokens))
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert not wl.ignore_eos or generated == wl.output_tokens
     s = llm.stats()
     step = s["step_seconds"] - before["step_seconds"]
     model = s["model_seconds"] - before["model_seconds"]
-    return dict(wall=wall, flops_per_token=_flops(llm.engine.model),
+    return dict(wall=wall, flops_per_token=_flops(llm.engine.model), generated_tokens=generated,
+                spec_acceptance_rate=s.get("spec_acceptance_rate"),
+                spec_mean_accepted_length=s.get("spec_mean_accepted_length"),
                 engine_overhead=(step - model) / step if step else 0.0,
                 prefix_cache_hit_rate=(s["cached_prompt_tokens"] - before["cached_prompt_tokens"])
                 / max(1, s["prompt_tokens"] - before["prompt_tokens"]),
@@ -83,3 +94,22 @@ def _flops(model) -> float:
     from benchmarks.roofline import flops_per_token
 
     return flops_per_token(model)
+
+
+def make_adapters(model_dir: str, names: list[str], out_dir) -> dict[str, str]:
+    """PEFT LoRA adapters (r=16 on all seven projections, random non-zero B) saved once under out_dir."""
+    from pathlib import Path
+
+    paths = {n: str(Path(out_dir) / n) for n in names}
+    if all((Path(p) / "adapter_config.json").exists() for p in paths.values()):
+        return paths
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for i, (name, path) in enumerate(paths.items()):
+        torch.manual_seed(i)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        peft = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False))
+        peft.save_pretrained(path)
+    return paths

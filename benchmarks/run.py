@@ -1,7 +1,7 @@
 """Run every workload on batchgen and its peers, each in its own process (clean peak memory),
 and report throughput, ratios and utilisation against the GEMM peak measured first.
 
-    batchgen bench [--quick] [--out bench-results] [--dtype bfloat16] [--peers batchgen,hf-static,hf-batch]
+    batchgen bench [--quick] [--out bench-results] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ import torch
 from benchmarks import workloads as W
 
 PEERS = ("batchgen", "batchgen-no-cache", "hf-static", "hf-batch")
+WORKLOAD_PEERS = {
+    "D": ("batchgen",),  # batchgen's decode MFU at large batch
+    "W4": ("batchgen", "base-model", "one-batch-per-adapter"),  # batchgen: all adapters mixed
+    "W5-b1": ("batchgen", "no-speculation"),  # batchgen: n-gram speculation
+    "W5-b64": ("batchgen", "no-speculation"),
+}
 
 
 def run_one(peer: str, workload: str, quick: bool, dtype: str) -> dict:
@@ -26,24 +32,41 @@ def run_one(peer: str, workload: str, quick: bool, dtype: str) -> dict:
     from batchgen.models.loader import resolve_model
     from benchmarks import peers
 
-    wl = {w.name: w for w in W.all_workloads(quick)}[workload]
+    from batchgen.models.loader import cache_dir, load_tokenizer
+
     model_dir = resolve_model("smollm2-135m")
-    if peer == "batchgen":
+    wl = {w.name: w for w in W.all_workloads(quick, load_tokenizer(model_dir))}[workload]
+    if workload == "W4":
+        names = sorted(set(wl.lora))
+        adapters = peers.make_adapters(model_dir, names, cache_dir() / "bench-adapters")
+        lora_engine = dict(lora_adapters=adapters, max_loras=len(names), max_lora_rank=16)
+        if peer == "batchgen":
+            r = peers.run_batchgen(model_dir, dtype, wl, use_lora=True, **lora_engine)
+        elif peer == "one-batch-per-adapter":
+            r = peers.run_batchgen(model_dir, dtype, wl, per_adapter=True, **lora_engine)
+        else:  # base-model: the same rows without adapters
+            r = peers.run_batchgen(model_dir, dtype, wl)
+    elif workload.startswith("W5"):
+        spec = dict(method="ngram", num_speculative_tokens=4, prompt_lookup_min=2, prompt_lookup_max=4,
+                    max_batch_size=64)
+        r = peers.run_batchgen(model_dir, dtype, wl, speculative=spec if peer == "batchgen" else None)
+    elif peer == "batchgen":
         r = peers.run_batchgen(model_dir, dtype, wl)
         r["optimal_hit_rate"] = wl.optimal_hit_rate()
     elif peer == "batchgen-no-cache":
         r = peers.run_batchgen(model_dir, dtype, wl, enable_prefix_caching=False)
     elif peer == "hf-static":
-        r = peers.run_hf_static(model_dir, dtype, wl, [8] if quick else [32, 64])
+        r = peers.run_hf_static(model_dir, dtype, wl, [8] if quick else [16, 64])
     else:
         r = peers.run_hf_generate_batch(model_dir, dtype, wl)
-    r.update(peer=peer, workload=workload, output_tokens=wl.output_tokens, input_tokens=wl.input_tokens,
+    r.update(peer=peer, workload=workload, output_tokens=r.get("generated_tokens", wl.output_tokens),
+             input_tokens=wl.input_tokens,
              rows=len(wl.prompts), peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return r
 
 
 def main(quick: bool = False, out: str = "bench-results", dtype: str = "bfloat16",
-         peers: tuple[str, ...] = PEERS, workloads: tuple[str, ...] = ("W1", "W2", "W3")) -> list[dict]:
+         workloads: tuple[str, ...] = ("W1", "W2", "W3", "D", "W4", "W5-b1", "W5-b64")) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from benchmarks.roofline import gemm_peak_flops
 
@@ -51,7 +74,7 @@ def main(quick: bool = False, out: str = "bench-results", dtype: str = "bfloat16
     print(f"GEMM peak ({dtype}, 2048^3) on {device}: {peak / 1e9:.0f} GFLOP/s", flush=True)
     results = []
     for wl in workloads:
-        for peer in peers:
+        for peer in WORKLOAD_PEERS.get(wl, PEERS):
             cmd = [sys.executable, "-m", "benchmarks.run", "--one", peer, wl, "--dtype", dtype] + \
                   (["--quick"] if quick else [])
             t = time.perf_counter()
@@ -92,9 +115,12 @@ def _report(results: list[dict], peak: float, dtype: str, device, quick: bool) -
             computed = r["output_tokens"] + r["input_tokens"] * (1 - r["prefix_cache_hit_rate"])
             mfu = f"{computed / r['wall'] * r['flops_per_token'] / peak:.0%}"
             notes = f"engine overhead {r['engine_overhead']:.1%} of step time"
-        if r["peer"] == "batchgen":
+        if r["peer"] == "batchgen" and "optimal_hit_rate" in r:
             notes += (f"; prefix hit rate {r['prefix_cache_hit_rate']:.1%} "
                       f"(optimum {r['optimal_hit_rate']:.1%})")
+        if r.get("spec_acceptance_rate") is not None:
+            notes += (f"; n-gram acceptance {r['spec_acceptance_rate']:.0%}, "
+                      f"{r['spec_mean_accepted_length']:.2f} tokens per verify step")
         elif r["peer"] == "hf-static":
             notes = f"best batch size {r['batch_size']}"
         lines.append(f"| {r['workload']} | {r['peer']} | {r['output_tok_s']:.1f} | {r['total_tok_s']:.1f} | "

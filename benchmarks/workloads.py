@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -12,6 +12,9 @@ class Workload:
     description: str
     prompts: list[list[int]]
     max_tokens: list[int]
+    lora: list[str | None] | None = None  # adapter per row
+    ignore_eos: bool = True  # False: rows stop at EOS (natural text); tokens counted as generated
+    engine: dict = field(default_factory=dict)  # engine arguments this workload needs
 
     @property
     def input_tokens(self) -> int:
@@ -66,7 +69,53 @@ def w3_shared_prefix(rows: int, num_prefixes: int = 4, prefix_len: int = 384, se
                           "8..48-token questions, output 64", prompts, [64] * rows)
 
 
-def all_workloads(quick: bool) -> list[Workload]:
+def decode_heavy(rows: int, seed: int = 3) -> Workload:
+    """Large-batch decode: short prompts, every row decoding at once (batchgen alone: the MFU row)."""
+    rng = random.Random(seed)
+    return Workload("D", f"decode at batch {rows}: input 32, output 64", [_tokens(rng, 32) for _ in range(rows)],
+                    [64] * rows)
+
+
+NUM_ADAPTERS = 8
+
+
+def w4_multi_lora(rows: int, seed: int = 4) -> Workload:
+    """Rows spread over 8 LoRA adapters (round robin), input 64, output 64."""
+    rng = random.Random(seed)
+    return Workload("W4", f"multi-LoRA: {NUM_ADAPTERS} adapters (r=16, q/k/v/o/gate/up/down) mixed, "
+                          "input 64, output 64", [_tokens(rng, 64) for _ in range(rows)], [64] * rows,
+                    lora=[f"adapter{i % NUM_ADAPTERS}" for i in range(rows)])
+
+
+_TEXTS = [
+    "The committee met on Tuesday to review the annual budget, approve two new hires, and discuss the "
+    "plan to renovate the library before the start of the autumn term.",
+    "Photosynthesis converts light energy into chemical energy: plants take in carbon dioxide and water "
+    "and, using sunlight, produce glucose and release oxygen into the air.",
+    "To reset the router, unplug it for thirty seconds, plug it back in, wait for the status light to "
+    "turn green, and then reconnect your devices to the network.",
+    "Marie Curie was the first person to win Nobel Prizes in two different sciences, physics in 1903 "
+    "and chemistry in 1911, for her research on radioactivity.",
+]
+
+
+def w5_input_grounded(rows: int, tokenizer, batch: int) -> Workload:
+    """Rewrite/copy tasks whose answer repeats the input: where prompt lookup shines."""
+    tasks = ["Repeat the following text exactly, word for word:", "Copy this paragraph without changes:"]
+    prompts = []
+    for i in range(rows):
+        chat = [{"role": "user", "content": f"{tasks[i % 2]}\n\n{_TEXTS[i % len(_TEXTS)]}"}]
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        prompts.append(tokenizer.encode(text, add_special_tokens=False))
+    return Workload(f"W5-b{batch}", f"input-grounded rewrites at batch {batch}, greedy, up to 96 tokens",
+                    prompts, [96] * rows, ignore_eos=False, engine=dict(max_num_seqs=batch))
+
+
+def all_workloads(quick: bool, tokenizer=None) -> list[Workload]:
     if quick:
-        return [w1_fixed(8), w2_variable(8), w3_shared_prefix(8)]
-    return [w1_fixed(128), w2_variable(128), w3_shared_prefix(128)]
+        out = [w1_fixed(8), w2_variable(8), w3_shared_prefix(8), decode_heavy(16), w4_multi_lora(8)]
+    else:
+        out = [w1_fixed(64), w2_variable(64), w3_shared_prefix(64), decode_heavy(256), w4_multi_lora(64)]
+    if tokenizer is not None:
+        out += [w5_input_grounded(2 if quick else 4, tokenizer, 1), w5_input_grounded(8 if quick else 64, tokenizer, 64)]
+    return out
