@@ -215,8 +215,8 @@ class Engine:
             return "empty prompt"
         if len(token_ids) > self.max_model_len:
             return f"prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}"
-        if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in token_ids):
-            bad = next(t for t in token_ids if not isinstance(t, int) or t < 0 or t >= self.vocab_size)
+        bad = next((t for t in token_ids if not isinstance(t, int) or t < 0 or t >= self.vocab_size), None)
+        if bad is not None:
             return f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})"
         bad_stops = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stops:

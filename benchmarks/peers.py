@@ -107,7 +107,7 @@ def make_adapters(model_dir: str, names: list[str], out_dir) -> dict[str, str]:
     from transformers import AutoModelForCausalLM
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    for i, (name, path) in enumerate(paths.items()):
+    for i, path in enumerate(paths.values()):
         torch.manual_seed(i)
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         peft = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False))

@@ -29,10 +29,8 @@ WORKLOAD_PEERS = {
 
 def run_one(peer: str, workload: str, quick: bool, dtype: str) -> dict:
     """One (peer, workload) measurement in this process."""
-    from batchgen.models.loader import resolve_model
+    from batchgen.models.loader import cache_dir, load_tokenizer, resolve_model
     from benchmarks import peers
-
-    from batchgen.models.loader import cache_dir, load_tokenizer
 
     model_dir = resolve_model("smollm2-135m")
     wl = {w.name: w for w in W.all_workloads(quick, load_tokenizer(model_dir))}[workload]

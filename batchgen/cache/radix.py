@@ -90,13 +90,3 @@ class RadixCache:
         del node.parent.children[node.key]
         return block
 
-    @property
-    def num_cached_blocks(self) -> int:
-        return len(self.node_of_block)
-
-    def reset(self) -> None:
-        for block in self.evictable:
-            self.pool.give_back(block)
-        self.evictable.clear()
-        self.node_of_block.clear()
-        self.roots.clear()

@@ -1,9 +1,10 @@
 """Attention over the paged KV cache, torch backend (CPU and GPU).
 
 The flat batch puts single-token rows (decodes, and prefill remainders of one token) first and
-multi-token chunks (prefill, extend) after them. Single-token rows run as one batched SDPA over
-their block tables, padded to the longest context and masked; each chunk runs its own SDPA over its
-cached prefix plus itself, causal. The step's new K/V are written into the cache first, so a chunk
+multi-token chunks (prefill, extend) after them. On CPU, single-token rows go through the C++
+decode kernel (kernels/cpu_decode_attention.py), which reads their blocks in place; elsewhere they
+run as batched SDPA in groups of similar context length, padded within the group and masked. Each
+chunk runs its own SDPA over its cached prefix plus itself, causal. The step's new K/V are written into the cache first, so a chunk
 reads its own keys from the same place as its prefix.
 
 KV cache per layer: [2, num_blocks, block_size, kv_heads, head_dim] (K then V).

@@ -88,9 +88,8 @@ class Planner:
         good = self._tokenize(chat, add_special_tokens=False) + self._tokenize(plain, add_special_tokens=True)
         for item in good:
             n = len(item.token_ids)
-            if n >= self.max_model_len:
-                item.error = (f"prompt has {n} tokens, but max_model_len is {self.max_model_len} "
-                              "and at least one token must be generated")
+            if n > self.max_model_len:  # the engine's rule: a prompt of max_model_len still gets one token
+                item.error = f"prompt has {n} tokens, but max_model_len is {self.max_model_len}"
         bad += [item for item in good if item.error]
         good = sorted((item for item in good if not item.error), key=lambda item: (item.lora or "", item.token_ids))
         return bad + good

@@ -69,18 +69,9 @@ def render_script(job_file: str, spec: JobSpec, opts: SlurmOptions, log_dir: str
     directives = [f"--job-name={name}", f"--array=0-{opts.tasks - 1}", "--ntasks=1", "--requeue",
                   f"--signal=B:TERM@{opts.grace}", "--open-mode=append",
                   f"--output={os.path.join(os.path.abspath(log_dir), 'task-%a.log')}"]
-    if opts.cpus_per_task:
-        directives.append(f"--cpus-per-task={opts.cpus_per_task}")
-    if opts.mem:
-        directives.append(f"--mem={opts.mem}")
-    if opts.time:
-        directives.append(f"--time={opts.time}")
-    if opts.partition:
-        directives.append(f"--partition={opts.partition}")
-    if opts.account:
-        directives.append(f"--account={opts.account}")
-    if opts.gpus_per_task:
-        directives.append(f"--gpus-per-task={opts.gpus_per_task}")
+    optional = {"cpus-per-task": opts.cpus_per_task, "mem": opts.mem, "time": opts.time,
+                "partition": opts.partition, "account": opts.account, "gpus-per-task": opts.gpus_per_task}
+    directives += [f"--{flag}={value}" for flag, value in optional.items() if value]
     directives += [d if d.startswith("-") else f"--{d}" for d in opts.extra]
     for d in directives:
         if "\n" in d:

@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+
+from batchgen.job.manifest import OutputDir
 from tests.job.conftest import (
     DETERMINISTIC_ENGINE,
     REPO,
@@ -23,8 +25,6 @@ from tests.job.conftest import (
     write_job,
     write_jsonl,
 )
-
-from batchgen.job.manifest import OutputDir
 
 COMPARED = ("id", "generated_text", "finish_reason", "num_prompt_tokens", "num_generated_tokens", "error")
 

@@ -7,6 +7,7 @@ import sys
 
 import pyarrow.dataset as pads
 import pytest
+
 from tests.job.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow  # the embedded model

@@ -9,11 +9,11 @@ import signal
 import pyarrow.dataset as pads
 import pytest
 import torch
-from tests.job.conftest import REPO, run_cli, write_job, write_jsonl
 
 from batchgen.job.manifest import OutputDir
 from batchgen.job.reader import RowShare
 from batchgen.job.runner import run_job
+from tests.job.conftest import REPO, run_cli, write_job, write_jsonl
 
 pytestmark = pytest.mark.slow  # models (tiny ones), worker processes
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from tests.job.conftest import chat
 
 from batchgen.job.planner import Planner
 from batchgen.job.reader import Row
 from batchgen.job.spec import JobSpec
+from tests.job.conftest import chat
 
 
 def job(**sampling) -> JobSpec:

@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from tests.job.conftest import chat, write_jsonl
 
 from batchgen.job.reader import EVERY_ROW, Reader, RowShare
 from batchgen.job.shards import resolve_shards
 from batchgen.job.spec import InputSpec, JobSpecError
+from tests.job.conftest import chat, write_jsonl
 
 
 def spec(*paths, base_dir="/", **kw) -> InputSpec:

@@ -8,11 +8,11 @@ import uuid
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-from tests.job.conftest import SMALL_ENGINE, chat
 
 from batchgen.job.manifest import OutputDir
 from batchgen.job.outputs import read_output
 from batchgen.job.runner import JobConflict, JobFailed, run_job
+from tests.job.conftest import SMALL_ENGINE, chat
 
 pytestmark = pytest.mark.slow  # the embedded model
 

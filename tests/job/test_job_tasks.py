@@ -14,7 +14,6 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from tests.job.conftest import write_job, write_jsonl
 
 from batchgen.cli import main as cli
 from batchgen.job.manifest import OutputDir
@@ -24,6 +23,7 @@ from batchgen.job.runner import run_job
 from batchgen.job.spec import JobSpecError, ShardingSpec
 from batchgen.job.tasks import JobConflict, Task, resolve_data_parallel, resolve_task
 from batchgen.sampling import CompletionOutput, RequestOutput
+from tests.job.conftest import write_job, write_jsonl
 
 
 class EchoEngine:
