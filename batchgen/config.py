@@ -67,6 +67,7 @@ class EngineConfig:
     kv_cache_memory: float | None = None  # GiB for the KV pool; None: sized from free memory
     gpu_memory_utilization: float = 0.9  # share of GPU memory batchgen may use (weights + KV)
     attention_backend: str = "auto"
+    enforce_eager: bool = False  # True: no CUDA graphs (they replay decode-only steps on CUDA with Triton attention)
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds the sampler of requests without their own seed
     tokenizer: str | None = None  # defaults to the model's own
@@ -99,6 +100,7 @@ class EngineConfig:
         check(isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1,
               "gpu_memory_utilization", "a number in (0, 1]")
         check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", "true or false")
+        check(isinstance(self.enforce_eager, bool), "enforce_eager", "true or false")
         check(isinstance(self.seed, int), "seed", "an int")
         self.speculative = SpeculativeConfig.from_value(self.speculative)
         check(self.lora_adapters is None or (

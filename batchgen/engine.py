@@ -18,9 +18,11 @@ from batchgen.config import EngineConfig
 from batchgen.detokenizer import IncrementalDetokenizer
 from batchgen.exec.model_runner import ModelRunner
 from batchgen.models.loader import iter_safetensors, pick_dtype, read_eos_token_ids, resolve_model
+from batchgen.models.packed_linear import can_pack
 from batchgen.models.registry import model_class
 from batchgen.request import Request
 from batchgen.sampling import CompletionOutput, RequestOutput, SamplingParams
+from batchgen.sched.output import SchedulerOutput
 from batchgen.sched.scheduler import Scheduler, SchedulerConfig
 from batchgen.spec.draft import DraftProposer
 from batchgen.spec.ngram import NgramProposer
@@ -65,11 +67,12 @@ class Engine:
         self.lora, lora_slots = self._load_loras()  # before sizing the KV pool: slots take device memory
 
         self.block_size = config.block_size
-        num_blocks = self._num_kv_blocks()
-        self.max_model_len = self._max_model_len(num_blocks)
-        self.kv_caches = self._allocate_kv(num_blocks)
-        self.kv = KVCacheManager(num_blocks, self.block_size, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
+        num_blocks = self._num_kv_blocks(budget)
+        self.max_model_len = self._max_model_len(num_blocks)
+        # One block more than the pool manages: the null block, where CUDA-graph padding rows write.
+        self.kv_caches = self._allocate_kv(num_blocks + 1)
+        self.kv = KVCacheManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             config.max_num_seqs, budget, self.max_model_len,
             num_speculative_tokens=self.spec.num_speculative_tokens if self.spec else 0,
@@ -85,6 +88,12 @@ class Engine:
                     use_triton_attention(m)
         if self.spec:
             self.runner.proposer = self._make_proposer(num_blocks)
+        if self.device.type == "cuda" and self.attention_backend == "triton" and not config.enforce_eager:
+            from batchgen.exec.cuda_graphs import DecodeGraphs
+
+            self.runner.graphs = DecodeGraphs(self.model, self.kv_caches, min(config.max_num_seqs, 256),
+                                              self.max_model_len, self.block_size, num_blocks, self.device)
+            self.runner.graphs.capture()
 
         self._groups: dict[str, _Group] = {}  # by child request id
         self._ready: list[RequestOutput] = []  # finished outside a step (bad input)
@@ -101,6 +110,8 @@ class Engine:
             model = cls(hf_config)  # no random init: every weight comes from the checkpoint
         model = model.to(dtype=self.dtype).to_empty(device=self.device)
         model.load_weights(iter_safetensors(model_dir))
+        if can_pack(self.device, self.dtype):
+            model.pack_for_cpu()
         return model.eval()
 
     def _load_loras(self):
@@ -135,7 +146,7 @@ class Engine:
     def _make_proposer(self, num_blocks: int):
         if self.spec.method == "ngram":
             return NgramProposer(self.spec.prompt_lookup_min, self.spec.prompt_lookup_max)
-        draft_kv = self._allocate_kv(num_blocks, self.draft_model)
+        draft_kv = self._allocate_kv(num_blocks + 1, self.draft_model)
         return DraftProposer(self.draft_model, draft_kv, self.runner.prepare, self.device, self.config.seed)
 
     def _kv_bytes_per_block(self) -> int:
@@ -143,16 +154,19 @@ class Engine:
         return sum(2 * len(m.layers) * self.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
                    for m in (self.model, self.draft_model) if m is not None)
 
-    def _num_kv_blocks(self) -> int:
+    def _num_kv_blocks(self, token_budget: int) -> int:
         c = self.config
         if c.num_kv_blocks:
             return c.num_kv_blocks
         if c.kv_cache_memory:
             budget = c.kv_cache_memory * GiB
         elif self.device.type == "cuda":
+            activations = self._profile_forward(token_budget)
             free, total = torch.cuda.mem_get_info(self.device)
-            activations = 2 * GiB  # forward at the token budget plus logits, with room to spare
             budget = total * c.gpu_memory_utilization - (total - free) - activations
+            logger.info("GPU memory: %.2f GiB in use (weights, adapters), %.2f GiB peak for a forward at %d "
+                        "tokens; %.2f GiB for the KV pool", (total - free) / GiB, activations / GiB,
+                        token_budget, budget / GiB)
         else:
             budget = min(2 * GiB, 0.2 * _available_memory())
         blocks = int(budget // self._kv_bytes_per_block())
@@ -160,6 +174,32 @@ class Engine:
             raise ValueError(f"no memory left for the KV cache (budget {budget / GiB:.2f} GiB); "
                              "lower max_num_batched_tokens or set kv_cache_memory / num_kv_blocks")
         return blocks
+
+    @torch.inference_mode()
+    def _profile_forward(self, token_budget: int) -> int:
+        """Peak bytes of one forward at the full token budget (one row of that many tokens, in a
+        throwaway KV pool just big enough), plus the fp32 logits and probabilities of a full decode
+        batch. Measured on CUDA; elsewhere the forward still runs (it checks the path) and 0 is returned."""
+        from batchgen.sched.output import ScheduledRequest
+
+        blocks = -(-token_budget // self.block_size)
+        kv = self._allocate_kv(blocks + 1)
+        runner = ModelRunner(self.model, kv, self.block_size, self.device, self.config.seed)
+        runner.attention_backend = self.attention_backend
+        row = ScheduledRequest("profile", [0] * token_budget, 0, list(range(blocks)), True, SamplingParams(temperature=0),
+                               None, 0)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        runner.execute(SchedulerOutput([row]))
+        peak = torch.cuda.max_memory_allocated(self.device) - before if cuda else 0
+        del kv, runner
+        if cuda:
+            torch.cuda.empty_cache()
+        logits = 2 * min(self.config.max_num_seqs, token_budget) * self.vocab_size * 4
+        return (peak + logits) if cuda else 0
 
     def _max_model_len(self, num_blocks: int) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 4096

@@ -25,7 +25,8 @@ def gemm_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, rep
 
 def flops_per_token(model: torch.nn.Module) -> float:
     """2 * matmul parameters (projections + LM head); attention's context term is left out."""
-    params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    params = sum(m.in_features * m.out_features for m in model.modules()
+                 if hasattr(m, "in_features") and hasattr(m, "out_features"))  # nn.Linear and PackedLinear
     if getattr(model, "tie_word_embeddings", False):
         params += model.embed_tokens.weight.numel()  # the LM head reuses the embedding
     return 2.0 * params

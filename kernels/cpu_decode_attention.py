@@ -13,36 +13,23 @@ together. `decode_attention_ref` beside it is the torch reference.
 
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 
-logger = logging.getLogger("batchgen")
+from kernels._cpu_build import ROW_CONVERSIONS, build
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
-// Widening to fp32: bf16 is the top half of an fp32, a shift the compiler vectorizes; others cast.
-template <typename T>
-static inline void to_float(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-template <>
-inline void to_float<at::BFloat16>(const at::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
-}
-
-template <typename T>
+// D > 0: the head size as a compile-time constant (the dot products unroll fully); D == 0: any size.
+template <typename T, int D>
 static void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                   const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale,
                                   torch::Tensor& out) {
-  const int64_t rows = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t rows = q.size(0), heads = q.size(1), d = D > 0 ? D : q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
   const int64_t group = heads / kv_heads, max_blocks = block_tables.size(1);
   const T* qp = q.data_ptr<T>();
@@ -51,50 +38,62 @@ static void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = ctx_lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
-  const int64_t token_stride = kv_heads * d;  // between tokens of one block
+  const int64_t token_stride = kv_heads * d;  // one token's K (or V) of every KV head: contiguous
+  // A job is one row, or one (row, KV head) when there are too few rows to keep every thread busy.
+  const int64_t split = rows >= 4 * at::get_num_threads() ? 1 : kv_heads;
+  const int64_t heads_per_job = kv_heads / split;
 
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * d), acc(group * d), scores, kf(d);
+  at::parallel_for(0, rows * split, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(heads * d), acc(heads * d), kf(token_stride), scores;
+    std::vector<int64_t> kv_offset(heads);  // where head h's KV head sits in a token's row (no division in the loops)
+    for (int64_t h = 0; h < heads; ++h) kv_offset[h] = (h / group) * d;
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t r = job / kv_heads, kvh = job % kv_heads, ctx = lens[r];
-      scores.assign(group * ctx, 0.f);
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t i = 0; i < d; ++i)
-          qf[g * d + i] = static_cast<float>(qp[(r * heads + kvh * group + g) * d + i]) * static_cast<float>(scale);
-      // Scores: each key vector is read once for the whole group of query heads.
-      for (int64_t t = 0; t < ctx; ++t) {
-        const int64_t block = tables[r * max_blocks + t / block_size];
-        const T* k = kp + (block * block_size + t % block_size) * token_stride + kvh * d;
-        to_float(k, kf.data(), d);
-        for (int64_t g = 0; g < group; ++g) {
-          float s = 0.f;
-          const float* qg = qf.data() + g * d;
-          for (int64_t i = 0; i < d; ++i) s += qg[i] * kf[i];
-          scores[g * ctx + t] = s;
+      const int64_t r = job / split, kv0 = (job % split) * heads_per_job, kv1 = kv0 + heads_per_job;
+      const int64_t h0 = kv0 * group, h1 = kv1 * group, ctx = lens[r];
+      const int64_t* table = tables + r * max_blocks;
+      scores.resize(heads * ctx);
+      load_row(qp + (r * heads + h0) * d, qf.data() + h0 * d, (h1 - h0) * d);
+      for (int64_t i = h0 * d; i < h1 * d; ++i) qf[i] *= static_cast<float>(scale);
+      // Scores: block by block (no division per token), each token's keys read once for every
+      // query head of the job's KV heads.
+      for (int64_t b = 0, t = 0; t < ctx; ++b) {
+        const T* kblock = kp + table[b] * block_size * token_stride;
+        for (int64_t j = 0; j < block_size && t < ctx; ++j, ++t) {
+          load_row(kblock + j * token_stride + kv0 * d, kf.data() + kv0 * d, (kv1 - kv0) * d);
+          int64_t h = h0;
+          for (; h + 4 <= h1; h += 4) {  // four heads at a time: independent FMA chains
+            float s4[4];
+            const float* k0 = kf.data();
+            dot4(qf.data() + h * d, qf.data() + (h + 1) * d, qf.data() + (h + 2) * d, qf.data() + (h + 3) * d,
+                 k0 + kv_offset[h], k0 + kv_offset[h + 1], k0 + kv_offset[h + 2], k0 + kv_offset[h + 3], d, s4);
+            for (int64_t u = 0; u < 4; ++u) scores[(h + u) * ctx + t] = s4[u];
+          }
+          for (; h < h1; ++h) scores[h * ctx + t] = dot(qf.data() + h * d, kf.data() + kv_offset[h], d);
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * ctx;
+      for (int64_t h = h0; h < h1; ++h) {
+        float* sh = scores.data() + h * ctx;
         float m = -INFINITY, sum = 0.f;
-        for (int64_t t = 0; t < ctx; ++t) m = std::max(m, sg[t]);
-        for (int64_t t = 0; t < ctx; ++t) { sg[t] = std::exp(sg[t] - m); sum += sg[t]; }
+        for (int64_t t = 0; t < ctx; ++t) m = std::max(m, sh[t]);
+        for (int64_t t = 0; t < ctx; ++t) { sh[t] = std::exp(sh[t] - m); sum += sh[t]; }
         const float inv = 1.f / sum;
-        for (int64_t t = 0; t < ctx; ++t) sg[t] *= inv;
+        for (int64_t t = 0; t < ctx; ++t) sh[t] *= inv;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < ctx; ++t) {
-        const int64_t block = tables[r * max_blocks + t / block_size];
-        const T* v = vp + (block * block_size + t % block_size) * token_stride + kvh * d;
-        to_float(v, kf.data(), d);
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * ctx + t];
-          float* a = acc.data() + g * d;
-          for (int64_t i = 0; i < d; ++i) a[i] += p * kf[i];
+      std::fill(acc.begin() + h0 * d, acc.begin() + h1 * d, 0.f);
+      for (int64_t b = 0, t = 0; t < ctx; ++b) {
+        const T* vblock = vp + table[b] * block_size * token_stride;
+        for (int64_t j = 0; j < block_size && t < ctx; ++j, ++t) {
+          load_row(vblock + j * token_stride + kv0 * d, kf.data() + kv0 * d, (kv1 - kv0) * d);
+          for (int64_t h = h0; h < h1; ++h) {
+            const float p = scores[h * ctx + t];
+            const float* vh = kf.data() + kv_offset[h];
+            float* a = acc.data() + h * d;
+            for (int64_t i = 0; i < d; ++i) a[i] += p * vh[i];
+          }
         }
       }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t i = 0; i < d; ++i)
-          op[(r * heads + kvh * group + g) * d + i] = static_cast<T>(acc[g * d + i]);
+      T* o = op + (r * heads + h0) * d;
+      for (int64_t i = 0; i < (h1 - h0) * d; ++i) o[i] = static_cast<T>(acc[h0 * d + i]);
     }
   });
 }
@@ -105,45 +104,27 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   auto out = torch::empty_like(q);
   auto tables = block_tables.to(torch::kInt64).contiguous();
   auto lens = ctx_lens.to(torch::kInt64).contiguous();
-  if (q.scalar_type() == torch::kFloat) {
-    decode_attention_impl<float>(q, k_cache, v_cache, tables, lens, scale, out);
-  } else if (q.scalar_type() == torch::kBFloat16) {
-    decode_attention_impl<at::BFloat16>(q, k_cache, v_cache, tables, lens, scale, out);
-  } else if (q.scalar_type() == torch::kHalf) {
-    decode_attention_impl<at::Half>(q, k_cache, v_cache, tables, lens, scale, out);
-  } else {
-    TORCH_CHECK(false, "decode_attention: unsupported dtype");
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    switch (q.size(2)) {
+      case 64: decode_attention_impl<scalar_t, 64>(q, k_cache, v_cache, tables, lens, scale, out); break;
+      case 128: decode_attention_impl<scalar_t, 128>(q, k_cache, v_cache, tables, lens, scale, out); break;
+      default: decode_attention_impl<scalar_t, 0>(q, k_cache, v_cache, tables, lens, scale, out);
+    }
+  });
   return out;
 }
 """
 
 _module = None
-_failed = False
+_tried = False
 
 
 def load():
     """The compiled extension, or None when it cannot be built here (the caller falls back to torch)."""
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
-    if os.environ.get("BATCHGEN_CPU_KERNELS", "1") == "0":
-        _failed = True
-        return None
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        _module = load_inline(
-            name="batchgen_cpu_decode_attention",
-            cpp_sources=[_SOURCE],
-            functions=["decode_attention"],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as e:  # no compiler, no headers: the torch path still works
-        logger.warning("CPU decode attention kernel unavailable (%s); using the torch path", str(e).splitlines()[0])
-        _failed = True
+    global _module, _tried
+    if not _tried:
+        _tried = True
+        _module = build("batchgen_cpu_decode_attention", ROW_CONVERSIONS + _SOURCE, ["decode_attention"])
     return _module
 
 

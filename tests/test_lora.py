@@ -103,8 +103,11 @@ def check_rows(peft_model, rows: list[tuple[list[int], str | None]], ours: list[
 # ---- the PEFT oracle ------------------------------------------------------------------------------
 
 
-def test_mixed_adapters_and_base_in_one_call_match_peft(llm, peft_setup):
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_mixed_adapters_and_base_in_one_call_match_peft(llm, peft_setup, path, monkeypatch):
+    """Both CPU paths: the C++ kernel (kernels/cpu_lora.py) and the batched torch fallback."""
     peft_model, _ = peft_setup
+    monkeypatch.setattr(llm.engine.lora, "use_cpu_kernel", path == "kernel" and llm.engine.lora.use_cpu_kernel)
     tok = llm.tokenizer
     ids = [tok.encode(p) for p in PROMPTS]
     # every adapter and the base model, interleaved; 3 adapters over 2 device slots

@@ -103,6 +103,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         keys = gather(k_cache, c.block_ids)[:c.ctx_len].transpose(0, 1)  # [kv_heads, ctx, d]
         vals = gather(v_cache, c.block_ids)[:c.ctx_len].transpose(0, 1)
         qc = q[c.q_start:c.q_start + c.q_len].transpose(0, 1)  # [heads, q_len, d]
-        o = _sdpa(qc, keys, vals, c.mask, scale, causal=c.mask is None)
+        # 4-D ([1, heads, len, d]): with 3-D inputs torch's CPU SDPA takes the slow math path.
+        o = _sdpa(qc[None], keys[None], vals[None], c.mask, scale, causal=c.mask is None)[0]
         out[c.q_start:c.q_start + c.q_len] = o.transpose(0, 1)
     return out

@@ -31,6 +31,7 @@ class ModelRunner:
         self.cpu_decode_kernel = device.type == "cpu" and load_cpu_decode_kernel() is not None
         self.lora = None  # multi-LoRA slots (batchgen.lora.layers.LoRAWeights): set by the engine
         self.attention_backend = "torch"  # "triton": prepare() also fills the Triton fields; set by the engine
+        self.graphs = None  # batchgen.exec.cuda_graphs.DecodeGraphs: replays decode-only forwards; set by the engine
         self.model_seconds = 0.0  # in the model's forward and LM head; the rest of a step is overhead
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
@@ -117,7 +118,10 @@ class ModelRunner:
         order = sorted(range(len(rows)), key=lambda i: (rows[i].num_tokens != 1, rows[i].start_pos))
         input_ids, positions, meta, last_token = self.prepare(SchedulerOutput([rows[i] for i in order]))
         t = time.perf_counter()
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [tokens, hidden]
+        if self._graphable(meta, input_ids.shape[0]):
+            hidden = self.graphs.run(input_ids, positions, meta)  # [tokens, hidden]
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [tokens, hidden]
         sampled = [i for i in order if rows[i].sample]  # scheduled indices, in batch order
         if not sampled:
             self.model_seconds += time.perf_counter() - t
@@ -129,7 +133,7 @@ class ModelRunner:
                 starts[i] = len(idx)
                 idx.extend(range(pos - len(proposals[i]), pos + 1))
             last_token = torch.tensor(idx, device=self.device)
-        logits = self.model.compute_logits(hidden[last_token])  # [positions, vocab] fp32
+        logits = self.model.compute_logits(hidden[last_token])  # [positions, vocab], model dtype
         if logits.is_cuda:
             torch.cuda.synchronize()
         self.model_seconds += time.perf_counter() - t
@@ -138,7 +142,7 @@ class ModelRunner:
             tokens, logprobs = self.sampler(logits, [rows[i] for i in sampled])
             result = dict(zip(sampled, zip(tokens, logprobs, [[]] * len(sampled))))
         else:
-            result = self._verify(logits, rows, sampled, starts, proposals, draft_probs)
+            result = self._verify(logits.float(), rows, sampled, starts, proposals, draft_probs)
         in_order = [i for i in range(len(rows)) if rows[i].sample]  # the scheduler's order
         return ModelOutput(
             token_ids=[result[i][0] for i in in_order],
@@ -146,6 +150,11 @@ class ModelRunner:
             accepted=[result[i][2] for i in in_order] if self.proposer is not None else None,
             num_proposed=[len(proposals[i]) for i in in_order] if self.proposer is not None else None,
         )
+
+    def _graphable(self, meta: AttentionMetadata, num_tokens: int) -> bool:
+        """Decode-only (one token per row), no adapter in the batch, and a captured size fits."""
+        return (self.graphs is not None and meta.num_single == num_tokens and meta.cu_seqlens_q is not None
+                and (self.lora is None or self.lora.batch is None) and self.graphs.fits(num_tokens))
 
     def _verify(self, logits, rows, sampled, starts, proposals, draft_probs) -> dict[int, tuple]:
         """Plain rows sample as usual; rows with proposals accept a prefix of them and add a token."""

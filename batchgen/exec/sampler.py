@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from batchgen.models import fused
 from batchgen.sched.output import ScheduledRequest
 
 
@@ -36,13 +37,19 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[ScheduledRequest]
                  ) -> tuple[list[int], list[dict[int, float] | None]]:
-        """logits: [rows, vocab] fp32. Returns the sampled token and, where asked, top logprobs per row."""
+        """logits: [rows, vocab] in any float dtype. Returns the sampled token and, where asked, top
+        logprobs per row."""
+        if all(r.params.greedy and r.params.logprobs is None and not self._suppress_stop(r) for r in rows):
+            # Pure greedy: argmax of the logits as they are. Upcasting is exact, so this is the token
+            # the fp32 path picks, without a [rows, vocab] fp32 copy.
+            return fused.argmax(logits).tolist(), [None] * len(rows)
+        logits = logits.float()
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [rows, vocab]
 
         for i, r in enumerate(rows):
-            if r.num_output_tokens < r.params.min_tokens and r.stop_ids:
+            if self._suppress_stop(r):
                 logits[i, list(r.stop_ids)] = float("-inf")
 
         tokens = logits.argmax(dim=-1)  # [rows]; greedy rows are done here
@@ -63,6 +70,11 @@ class Sampler:
                 entry[token_list[i]] = raw_logprobs[i, token_list[i]].item()
                 logprobs[i] = entry
         return token_list, logprobs
+
+    @staticmethod
+    def _suppress_stop(row: ScheduledRequest) -> bool:
+        """min_tokens not reached yet: the row's stop ids may not be drawn."""
+        return row.num_output_tokens < row.params.min_tokens and bool(row.stop_ids)
 
     def _sample(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> torch.Tensor:
         probs = filtered_probs(logits, rows)  # [rows, vocab]

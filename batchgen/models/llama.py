@@ -2,8 +2,10 @@
 
 One implementation, switched by config flags: Qwen2 adds a q/k/v bias, Qwen3 an RMSNorm on each
 query/key head. q/k/v and gate/up are fused into one GEMM each, the layout the matmul wants; the
-loader splits HF checkpoints into those fused weights. Numerics follow HF (RMSNorm in fp32, RoPE
-tables in fp32) so greedy outputs match HF `generate` token for token in fp32.
+loader splits HF checkpoints into those fused weights. The residual add rides along with the next
+RMSNorm, and RMSNorm, RoPE and SiLU-and-mul run as fused kernels (batchgen/models/fused.py).
+Numerics follow HF (RMSNorm statistics in fp32, RoPE tables in fp32) so greedy outputs match HF
+`generate` token for token in fp32.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchgen.exec.attention import AttentionMetadata, paged_attention
+from batchgen.models import fused
+from batchgen.models.packed_linear import pack_linears, pack_weight, packed_linear
 
 
 class RMSNorm(nn.Module):
@@ -24,11 +28,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x [tokens, dim] -> norm(x), or with a residual (norm(x + residual), x + residual)."""
+        return fused.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_parameters(config) -> tuple[float, dict | None]:
@@ -62,11 +64,6 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, config, qkv_bias: bool, o_bias: bool, qk_norm: bool):
         super().__init__()
@@ -85,7 +82,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor], kv_cache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """x [tokens, hidden]; rope = (cos table, sin table, positions [tokens])."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         if self.lora is not None:
@@ -94,10 +93,10 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)  # [tokens, heads, head_dim]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [tokens, kv_heads, head_dim]
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if self.qk_norm:  # per head: [tokens * heads, head_dim] rows
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
+        fused.rotary_(q, k, *rope)  # in place: q and k are views of this step's fresh qkv
         o = self.attention_fn(q, k, v, kv_cache, meta, self.scale)  # [tokens, heads, head_dim]
         o = o.reshape(t, self.q_size)
         return self.o_proj(o) if self.lora is None else self.lora(o, self.o_proj(o), "o_proj")
@@ -116,8 +115,7 @@ class MLP(nn.Module):
         gate_up = self.gate_up_proj(x)
         if self.lora is not None:
             gate_up = self.lora(x, gate_up, "gate_up_proj")
-        gate, up = gate_up.split(self.intermediate, dim=-1)
-        h = F.silu(gate) * up
+        h = fused.silu_mul(gate_up)  # [tokens, intermediate]
         return self.down_proj(h) if self.lora is None else self.lora(h, self.down_proj(h), "down_proj")
 
 
@@ -129,9 +127,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, kv_cache, meta):
+        """Returns (this layer's MLP output, the residual stream before it); their sum is HF's hidden state."""
+        if residual is None:  # first layer: the embedding is the residual stream
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rope, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -156,6 +160,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         attn = self.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.tied_head_packed = None  # the LM head's oneDNN-packed copy of the embedding (pack_for_cpu)
         # Not a buffer: tables are built on first use, in fp32, on the device of the weights.
         self.inv_freq = rope_inv_freq(self.head_dim, *rope_parameters(config))  # [head_dim / 2]
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -172,18 +177,28 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [tokens]; returns hidden states [tokens, hidden] before the final norm."""
-        x = self.embed_tokens(input_ids)
-        cos_table, sin_table = self.rope_tables(meta.max_position + 1, x)
-        cos = cos_table[positions].unsqueeze(1)  # [tokens, 1, head_dim]
-        sin = sin_table[positions].unsqueeze(1)
+        x = self.embed_tokens(input_ids)  # [tokens, hidden]
+        rope = (*self.rope_tables(meta.max_position + 1, x), positions)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return x
+            x, residual = layer(x, residual, rope, kv_cache, meta)
+        return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [rows, hidden] -> fp32 logits [rows, vocab]."""
-        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(self.norm(hidden), weight).float()
+        """hidden: [rows, hidden] -> logits [rows, vocab] in the model's dtype (callers upcast if they need)."""
+        h = self.norm(hidden)
+        if not self.tie_word_embeddings:
+            return self.lm_head(h)
+        if self.tied_head_packed is not None:
+            return packed_linear(h, self.tied_head_packed)
+        return F.linear(h, self.embed_tokens.weight)
+
+    def pack_for_cpu(self) -> None:
+        """Pre-pack every projection and the LM head for oneDNN (bf16 CPU; see packed_linear.py).
+        A tied LM head gets its own packed copy: the embedding lookup still needs the dense table."""
+        pack_linears(self)
+        if self.tie_word_embeddings:
+            self.tied_head_packed = pack_weight(self.embed_tokens.weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the fused layout; every parameter must be filled exactly once."""

@@ -48,7 +48,7 @@ class DraftProposer:
             pick = [n for n, i in enumerate(active) if j < rows[i].num_spec]
             if not pick:
                 break
-            logits = self.model.compute_logits(hidden[last[pick]])  # [rows proposing, vocab]
+            logits = self.model.compute_logits(hidden[last[pick]]).float()  # [rows proposing, vocab]
             for row_logits, n in zip(logits, pick):
                 i = active[n]
                 if rows[i].params.greedy:

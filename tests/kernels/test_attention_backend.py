@@ -93,3 +93,41 @@ def test_engine_greedy_parity_with_torch_backend(tiny_model_dir, arch):
             assert llm.stats()["prefix_cache_hit_rate"] > 0
     assert all(len(t) == 6 for t in outs["torch"])
     assert outs["triton"] == outs["torch"]
+
+
+def test_decode_graph_buffers_match_eager(tiny_model_dir):
+    """The CUDA-graph decode path's static buffers and padding (here replayed eagerly: capture=False)
+    give the eager engine's greedy tokens. Buckets of 1, 2, 4 rows with 3 and 5 live rows exercise
+    padding rows on the null block, and an earlier bigger batch leaves stale rows in the buffers."""
+    from batchgen.exec.cuda_graphs import DecodeGraphs, bucket_sizes
+
+    assert bucket_sizes(256)[:6] == [1, 2, 4, 8, 16, 24] and bucket_sizes(256)[-1] == 256
+    assert bucket_sizes(3) == [1, 2, 3] and bucket_sizes(12) == [1, 2, 4, 8, 12]
+    path = tiny_model_dir("llama")
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    prompts = _prompts()
+    outs = {}
+    for graphs in (False, True):
+        llm = LLM(path, attention_backend="triton", dtype="float32", device="cpu", num_kv_blocks=64,
+                  max_num_batched_tokens=24, max_num_seqs=4)
+        engine = llm.engine
+        used = []
+        if graphs:
+            g = DecodeGraphs(engine.model, engine.kv_caches, 4, engine.max_model_len, engine.block_size,
+                             engine.kv.num_blocks, engine.device, capture=False)
+            run = g.run
+            g.run = lambda *a, **k: used.append(a[0].shape[0]) or run(*a, **k)
+            engine.runner.graphs = g
+        outs[graphs] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        if graphs:
+            assert 3 in used and 4 in used  # decode-only steps of 3 rows (padded to 4) and of 4 rows
+            null = engine.kv.num_blocks  # padding rows wrote only into the null block
+            assert engine.kv_caches[0].shape[1] == null + 1
+    assert outs[True] == outs[False]
+
+
+def test_profile_forward_runs_at_the_token_budget(tiny_model_dir):
+    """The GPU memory-sizing forward (one row of the whole token budget) runs through the real
+    runner; only CUDA measures it, so on CPU it reports 0."""
+    llm = LLM(tiny_model_dir("llama"), dtype="float32", device="cpu", num_kv_blocks=16)
+    assert llm.engine._profile_forward(40) == 0

@@ -39,9 +39,13 @@ def test_rotary_matches_reference(device, dtype, heads, kv_heads, head_dim):
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)
 
 
-def test_rotary_reference_is_batchgens_rope():
-    from batchgen.models.llama import rotate_half
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
+
+def test_rotary_reference_is_hf_rope():
+    """HF's formula: q * cos + rotate_half(q) * sin."""
     q, k = torch.randn(5, 4, 32), torch.randn(5, 2, 32)
     cos, sin = tables(64, 32, torch.float32, "cpu")
     pos = torch.tensor([3, 0, 63, 10, 11])

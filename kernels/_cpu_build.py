@@ -1,0 +1,81 @@
+"""Builds batchgen's C++ CPU kernels on first use (torch's load_inline; cached under
+~/.cache/torch_extensions), or reports that they cannot be built here so callers fall back to torch.
+
+`BATCHGEN_CPU_KERNELS=0` turns every C++ kernel off (the torch paths then run everywhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("batchgen")
+
+# C++ shared by the kernels' sources (prepended to them).
+ROW_CONVERSIONS = r"""
+#include <torch/extension.h>
+#include <cstdint>
+
+// Row conversions to and from fp32 scratch. For bf16 they are bit operations (widen = shift, narrow
+// = round to nearest even) written so the compiler vectorizes them; c10's scalar casts do not.
+template <typename T> static inline void load_row(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+template <typename T> static inline void store_row(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+template <> inline void load_row<at::BFloat16>(const at::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+template <> inline void store_row<at::BFloat16>(const float* src, at::BFloat16* dst, int64_t n) {
+  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = s[i];
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    d[i] = nan ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+// Four dot products a_k . b_k of length n at once. One accumulator is a chain of dependent FMAs
+// (latency-bound, ~4 cycles each); four independent chains keep the FMA units busy.
+static inline void dot4(const float* a0, const float* a1, const float* a2, const float* a3, const float* b0,
+                        const float* b1, const float* b2, const float* b3, int64_t n, float* out) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    s0 += a0[i] * b0[i];
+    s1 += a1[i] * b1[i];
+    s2 += a2[i] * b2[i];
+    s3 += a3[i] * b3[i];
+  }
+  out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+}
+static inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+// Rounds x to T's precision and back, in place (a no-op for fp32).
+template <typename T> static inline void round_row(float* x, T* tmp, int64_t n) {
+  store_row(x, tmp, n);
+  load_row(tmp, x, n);
+}
+"""
+
+# 512-bit vectors where the CPU has them (GCC defaults to 256-bit on AVX-512 parts).
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"]
+
+
+def build(name: str, source: str, functions: list[str]):
+    """The compiled module, or None when C++ kernels are off or cannot be built (no compiler, no headers)."""
+    if os.environ.get("BATCHGEN_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        return load_inline(name=name, cpp_sources=[source], functions=functions, extra_cflags=_FLAGS,
+                           extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
+        logger.warning("C++ CPU kernels %s unavailable (%s); using the torch path", name, str(e).splitlines()[0])
+        return None

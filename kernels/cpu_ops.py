@@ -1,0 +1,227 @@
+"""Fused elementwise ops for the CPU forward, in C++ (compiled on first use), one pass over memory each.
+
+On CPU the unfused torch chain of a small model's layer (RMSNorm's float round trip, SiLU on a
+strided half of gate_up, RoPE's five temporaries) costs about as much as its GEMMs. Each op here
+reads its input once and writes its output once, parallel over tokens. Semantics are those of the
+Triton kernels' torch references (kernels/rms_norm.py, kernels/rotary.py), so one reference checks
+both; `silu_mul_ref` and `argmax_ref` sit below.
+
+    rms_norm(x, weight, eps, residual=None)   x, residual [tokens, hidden] (rows may be strided)
+        -> out [tokens, hidden], or (out, x + residual) with a residual (see kernels/rms_norm.py)
+    silu_mul(gate_up)                          gate_up [tokens, 2 * inter] -> silu(gate) * up [tokens, inter]
+        the product rounds silu(gate) to the storage dtype first, as torch's two ops do
+    rotary_embedding_(q, k, cos, sin, positions)  q [tokens, heads, d], k [tokens, kv_heads, d]
+        rotated in place (fp32 math, one rounding; see kernels/rotary.py); cos, sin [max_pos, d]
+    argmax(x)                                  x [rows, n] -> [rows] int64, the first index of the max
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels._cpu_build import ROW_CONVERSIONS, build
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <vector>
+
+template <typename T> static inline float f32(T v) { return static_cast<float>(v); }
+
+template <typename T>
+static void rms_norm_impl(const torch::Tensor& x, const torch::Tensor* res, const torch::Tensor& w, double eps,
+                          torch::Tensor& out, torch::Tensor* res_out) {
+  const int64_t tokens = x.size(0), hidden = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const T* rp = res ? res->data_ptr<T>() : nullptr;
+  T* rop = res_out ? res_out->data_ptr<T>() : nullptr;
+  const int64_t sx = x.stride(0), so = out.stride(0), sr = res ? res->stride(0) : 0, sro = res_out ? res_out->stride(0) : 0;
+  at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(hidden), r(hidden), wf(hidden);
+    std::vector<T> tmp(hidden);
+    load_row(wp, wf.data(), hidden);
+    for (int64_t t = begin; t < end; ++t) {
+      load_row(xp + t * sx, h.data(), hidden);
+      if (rp) {  // the residual stream is stored rounded, as torch's add does
+        load_row(rp + t * sr, r.data(), hidden);
+        for (int64_t i = 0; i < hidden; ++i) h[i] += r[i];
+        store_row(h.data(), rop + t * sro, hidden);
+        load_row(rop + t * sro, h.data(), hidden);
+      }
+      float ss = 0.f;
+      for (int64_t i = 0; i < hidden; ++i) ss += h[i] * h[i];
+      const float inv = 1.f / std::sqrt(ss / hidden + static_cast<float>(eps));
+      for (int64_t i = 0; i < hidden; ++i) h[i] *= inv;
+      round_row(h.data(), tmp.data(), hidden);  // HF rounds the normalised value before the weight
+      for (int64_t i = 0; i < hidden; ++i) h[i] *= wf[i];
+      store_row(h.data(), op + t * so, hidden);
+    }
+  });
+}
+
+std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rms_norm: x must be [tokens, hidden] with a contiguous hidden dim");
+  auto w = weight.to(x.scalar_type()).contiguous();
+  auto out = torch::empty({x.size(0), x.size(1)}, x.options());
+  torch::Tensor res_out;
+  const torch::Tensor* res = nullptr;
+  torch::Tensor* res_o = nullptr;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->stride(1) == 1, "rms_norm: residual must match x");
+    res_out = torch::empty_like(out);
+    res = &residual.value();
+    res_o = &res_out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm",
+                                  [&] { rms_norm_impl<scalar_t>(x, res, w, eps, out, res_o); });
+  if (res) return {out, res_out};
+  return {out};
+}
+
+template <typename T>
+static void silu_mul_impl(const torch::Tensor& gu, torch::Tensor& out) {
+  const int64_t tokens = out.size(0), inter = out.size(1), sg = gu.stride(0);
+  const T* gp = gu.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> g(inter), u(inter);
+    std::vector<T> tmp(inter);
+    for (int64_t t = begin; t < end; ++t) {
+      load_row(gp + t * sg, g.data(), inter);
+      load_row(gp + t * sg + inter, u.data(), inter);
+      for (int64_t i = 0; i < inter; ++i) g[i] = g[i] / (1.f + std::exp(-g[i]));
+      round_row(g.data(), tmp.data(), inter);
+      for (int64_t i = 0; i < inter; ++i) g[i] *= u[i];
+      store_row(g.data(), op + t * inter, inter);
+    }
+  });
+}
+
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
+              "silu_mul: gate_up must be [tokens, 2 * inter] with a contiguous last dim");
+  auto out = torch::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul",
+                                  [&] { silu_mul_impl<scalar_t>(gate_up, out); });
+  return out;
+}
+
+template <typename T>
+static void rotate_heads(T* x, int64_t st, int64_t sh, int64_t heads, int64_t half, int64_t t, const T* c, const T* s) {
+  for (int64_t h = 0; h < heads; ++h) {
+    T* v = x + t * st + h * sh;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = f32(v[i]), x2 = f32(v[i + half]);
+      v[i] = static_cast<T>(x1 * f32(c[i]) - x2 * f32(s[i]));
+      v[i + half] = static_cast<T>(x2 * f32(c[i + half]) + x1 * f32(s[i + half]));
+    }
+  }
+}
+
+template <typename T>
+static void rotary_impl(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& cos, const torch::Tensor& sin,
+                        const torch::Tensor& pos) {
+  const int64_t tokens = q.size(0), half = q.size(2) / 2;
+  T* qp = q.data_ptr<T>();
+  T* kp = k.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* c = cp + pp[t] * cos.stride(0);
+      const T* s = sp + pp[t] * sin.stride(0);
+      rotate_heads(qp, q.stride(0), q.stride(1), q.size(1), half, t, c, s);
+      rotate_heads(kp, k.stride(0), k.stride(1), k.size(1), half, t, c, s);
+    }
+  });
+}
+
+void rotary_embedding_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1 && q.size(2) % 2 == 0,
+              "rotary_embedding_: q, k must be [tokens, heads, head_dim] with a contiguous head_dim");
+  TORCH_CHECK(cos.stride(1) == 1 && sin.stride(1) == 1 && cos.size(1) == q.size(2), "rotary_embedding_: bad cos/sin");
+  auto c = cos.to(q.scalar_type()), s = sin.to(q.scalar_type());
+  auto pos = positions.to(torch::kInt64).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_embedding_",
+                                  [&] { rotary_impl<scalar_t>(q, k, c, s, pos); });
+}
+
+template <typename T>
+static void argmax_impl(const torch::Tensor& x, torch::Tensor& out) {
+  const int64_t rows = x.size(0), n = x.size(1), sx = x.stride(0);
+  const T* xp = x.data_ptr<T>();
+  int64_t* op = out.data_ptr<int64_t>();
+  constexpr int64_t kChunk = 4096;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(kChunk);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* v = xp + r * sx;
+      float best = -INFINITY;
+      int64_t idx = 0;
+      for (int64_t c = 0; c < n; c += kChunk) {  // per chunk: a vectorized max, then its first index
+        const int64_t len = std::min(kChunk, n - c);
+        load_row(v + c, buf.data(), len);
+        float m = -INFINITY;
+        for (int64_t i = 0; i < len; ++i) m = std::max(m, buf[i]);
+        if (m > best) {
+          best = m;
+          for (int64_t i = 0; i < len; ++i) if (buf[i] == m) { idx = c + i; break; }
+        }
+      }
+      op[r] = idx;
+    }
+  });
+}
+
+torch::Tensor argmax(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "argmax: x must be [rows, n] with a contiguous last dim");
+  auto out = torch::empty({x.size(0)}, x.options().dtype(torch::kInt64));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "argmax",
+                                  [&] { argmax_impl<scalar_t>(x, out); });
+  return out;
+}
+"""
+
+_module = None
+_tried = False
+
+
+def load():
+    """The compiled extension, or None when it cannot be built here (callers fall back to torch)."""
+    global _module, _tried
+    if not _tried:
+        _tried = True
+        _module = build("batchgen_cpu_ops", ROW_CONVERSIONS + _SOURCE, ["rms_norm", "silu_mul", "rotary_embedding_", "argmax"])
+    return _module
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    out = load().rms_norm(x, weight, eps, residual)
+    return out[0] if residual is None else (out[0], out[1])
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return load().silu_mul(gate_up)
+
+
+def rotary_embedding_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      positions: torch.Tensor) -> None:
+    load().rotary_embedding_(q, k, cos, sin, positions)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    return load().argmax(x)
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def argmax_ref(x: torch.Tensor) -> torch.Tensor:
+    return x.argmax(dim=-1)

@@ -1,0 +1,100 @@
+"""The C++ CPU fused ops (kernels/cpu_ops.py) against the torch references they share with the
+Triton kernels, and the packed oneDNN linear against F.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu_ops
+from kernels.rms_norm import rms_norm_ref
+from kernels.rotary import rotary_embedding_ref
+
+pytestmark = pytest.mark.skipif(cpu_ops.load() is None, reason="no C++ compiler for the CPU kernels here")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("hidden", [48, 576, 1000])
+def test_rms_norm(dtype, with_residual, hidden):
+    g = _gen(hidden)
+    # Rows strided (a view of a wider buffer), as a fused projection's slices are.
+    x = torch.randn(9, hidden + 16, generator=g).to(dtype)[:, :hidden]
+    residual = torch.randn(9, hidden, generator=g).to(dtype) if with_residual else None
+    weight = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+    out = cpu_ops.rms_norm(x, weight, 1e-6, residual)
+    ref = rms_norm_ref(x, weight, 1e-6, residual)
+    if with_residual:
+        torch.testing.assert_close(out[1], ref[1], atol=0, rtol=0)  # the residual add rounds like torch's
+        out, ref = out[0], ref[0]
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    if dtype == torch.bfloat16:  # fp32 statistics then one rounding: all but rare last-bit ties agree
+        assert (out != ref).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    gate_up = torch.randn(17, 2 * 300, generator=_gen(1)).mul(4).to(dtype)
+    out = cpu_ops.silu_mul(gate_up)
+    ref = cpu_ops.silu_mul_ref(gate_up)
+    assert out.shape == (17, 300)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out, ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 32), (9, 3, 64), (8, 2, 128)])
+def test_rotary_in_place_on_qkv_views(dtype, heads, kv_heads, head_dim):
+    g = _gen(heads * head_dim)
+    tokens = 13
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    q = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
+    pos = torch.randint(0, 200, (tokens,), generator=g)
+    freqs = torch.outer(torch.arange(200).float(), 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    q_ref, k_ref = rotary_embedding_ref(q, k, cos, sin, pos)
+    cpu_ops.rotary_embedding_(q, k, cos, sin, pos)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(k, k_ref, **tol)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_first_index_of_the_max(dtype):
+    x = torch.randn(6, 49152, generator=_gen(2)).to(dtype)
+    x[1, 7] = x[1, 40000] = 50.0  # tie: the first index wins, as torch.argmax
+    x[2, :] = -float("inf")
+    x[3, 4095:4097] = 60.0  # across the kernel's chunk boundary
+    x[4, -1] = 70.0
+    torch.testing.assert_close(cpu_ops.argmax(x), cpu_ops.argmax_ref(x), atol=0, rtol=0)
+    assert cpu_ops.argmax(x[:0]).shape == (0,)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 64, 300])
+def test_packed_linear_is_bit_identical(rows):
+    from batchgen.models.packed_linear import PackedLinear, can_pack
+
+    if not can_pack(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("oneDNN bf16 linear unavailable on this CPU")
+    g = _gen(rows)
+    linear = torch.nn.Linear(576, 960, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(960, 576, generator=g))
+        linear.bias.copy_(torch.randn(960, generator=g))
+    x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
+    packed = PackedLinear(linear)
+    assert (packed.in_features, packed.out_features) == (576, 960)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), atol=0, rtol=0)
