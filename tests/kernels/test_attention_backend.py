@@ -95,6 +95,13 @@ def test_engine_greedy_parity_with_torch_backend(tiny_model_dir, arch):
     assert outs["triton"] == outs["torch"]
 
 
+def _recording(run, sizes: list[int]):
+    def wrapped(input_ids, *args):
+        sizes.append(input_ids.shape[0])
+        return run(input_ids, *args)
+    return wrapped
+
+
 def test_decode_graph_buffers_match_eager(tiny_model_dir):
     """The CUDA-graph decode path's static buffers and padding (here replayed eagerly: capture=False)
     give the eager engine's greedy tokens. Buckets of 1, 2, 4 rows with 3 and 5 live rows exercise
@@ -115,8 +122,7 @@ def test_decode_graph_buffers_match_eager(tiny_model_dir):
         if graphs:
             g = DecodeGraphs(engine.model, engine.kv_caches, 4, engine.max_model_len, engine.block_size,
                              engine.kv.num_blocks, engine.device, capture=False)
-            run = g.run
-            g.run = lambda *a, **k: used.append(a[0].shape[0]) or run(*a, **k)
+            g.run = _recording(g.run, used)
             engine.runner.graphs = g
         outs[graphs] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         if graphs:
