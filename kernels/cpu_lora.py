@@ -23,6 +23,37 @@ from kernels._cpu_build import ROW_CONVERSIONS, build
 _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <vector>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+// Dot products of 4 (or 1) A rows with one token's x, straight from bf16 with AVX512-BF16 dot
+// instructions (no widening pass). Elsewhere (other dtypes, other CPUs) the job widens A to fp32.
+template <typename T> static inline bool native_shrink(int64_t in) { return false; }
+template <typename T> static inline void dot4_native(const T*, int64_t, const T*, float*) {}
+template <typename T> static inline float dot1_native(const T*, const T*, int64_t) { return 0.f; }
+#if defined(__AVX512BF16__)
+template <> inline bool native_shrink<at::BFloat16>(int64_t in) { return in % 32 == 0; }
+template <> inline void dot4_native<at::BFloat16>(const at::BFloat16* r, int64_t in, const at::BFloat16* x,
+                                                  float* out) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+  for (int64_t i = 0; i < in; i += 32) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
+    s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(r + i), xv);
+    s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_loadu_si512(r + in + i), xv);
+    s2 = _mm512_dpbf16_ps(s2, (__m512bh)_mm512_loadu_si512(r + 2 * in + i), xv);
+    s3 = _mm512_dpbf16_ps(s3, (__m512bh)_mm512_loadu_si512(r + 3 * in + i), xv);
+  }
+  out[0] = _mm512_reduce_add_ps(s0), out[1] = _mm512_reduce_add_ps(s1);
+  out[2] = _mm512_reduce_add_ps(s2), out[3] = _mm512_reduce_add_ps(s3);
+}
+template <> inline float dot1_native<at::BFloat16>(const at::BFloat16* r, const at::BFloat16* x, int64_t in) {
+  __m512 s0 = _mm512_setzero_ps();
+  for (int64_t i = 0; i < in; i += 32)
+    s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(r + i), (__m512bh)_mm512_loadu_si512(x + i));
+  return _mm512_reduce_add_ps(s0);
+}
+#endif
 
 template <typename T>
 static void lora_impl(const torch::Tensor& x, torch::Tensor& y, const torch::Tensor& a,
@@ -33,8 +64,9 @@ static void lora_impl(const torch::Tensor& x, torch::Tensor& y, const torch::Ten
   const T* ap = a.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   const int64_t sx = x.stride(0), sy = y.stride(0);
-  // Jobs: up to kTokens tokens of one slot. A job widens its slot's A and B to fp32 once and
-  // reuses them for each of its tokens.
+  // Jobs: up to kTokens tokens of one slot. A job widens its slot's B (and A, without native bf16
+  // dot products) to fp32 once and reuses them for each of its tokens.
+  const bool native = native_shrink<T>(in);
   constexpr int64_t kTokens = 16, kOut = 64;
   std::vector<std::vector<int64_t>> by_slot(num_slots);
   for (int64_t t = 0; t < tokens; ++t)
@@ -46,39 +78,58 @@ static void lora_impl(const torch::Tensor& x, torch::Tensor& y, const torch::Ten
   for (const auto& b : bs) b_size += rank * b.size(2);
 
   at::parallel_for(0, (int64_t)jobs.size(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> af(rf * in), bf(b_size), xf(in), h(rf);
+    // Per-thread scratch kept across calls: a fresh 100+ KiB allocation is fresh pages every call.
+    thread_local std::vector<float> af, bf, xf, h;
+    af.resize(native ? 0 : rf * in), bf.resize(b_size), xf.resize(native ? 0 : kTokens * in), h.resize(kTokens * rf);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t s = jobs[job].first;
-      const auto& toks = by_slot[s];
-      const int64_t first = jobs[job].second, last = std::min(first + kTokens, (int64_t)toks.size());
-      load_row(ap + s * rf * in, af.data(), rf * in);
+      const int64_t* toks = by_slot[s].data() + jobs[job].second;
+      const int64_t ntok = std::min(kTokens, (int64_t)by_slot[s].size() - jobs[job].second);
+      const T* as = ap + s * rf * in;
+      if (!native) {
+        load_row(as, af.data(), rf * in);
+        for (int64_t n = 0; n < ntok; ++n) load_row(xp + toks[n] * sx, xf.data() + n * in, in);
+      }
       for (size_t k = 0, at = 0; k < bs.size(); at += rank * bs[k].size(2), ++k)
         load_row(bs[k].data_ptr<T>() + s * rank * bs[k].size(2), bf.data() + at, rank * bs[k].size(2));
-      for (int64_t n = first; n < last; ++n) {
-        const int64_t t = toks[n];
-        load_row(xp + t * sx, xf.data(), in);
-        int64_t j = 0;  // shrink: h[j] = A[j, :] . x, four rows at a time
-        for (; j + 4 <= rf; j += 4) {
-          const float* r = af.data() + j * in;
-          dot4(r, r + in, r + 2 * in, r + 3 * in, xf.data(), xf.data(), xf.data(), xf.data(), in, h.data() + j);
+      // Shrink, h[n, j] = A[j, :] . x_n: four A rows at a time against every token of the job, so
+      // those rows are read from cache once per job, not once per token.
+      for (int64_t j = 0; j < rf; j += 4) {
+        const int64_t rows = std::min<int64_t>(4, rf - j);
+        for (int64_t n = 0; n < ntok; ++n) {
+          float* hn = h.data() + n * rf + j;
+          if (native && rows == 4) {
+            dot4_native(as + j * in, in, xp + toks[n] * sx, hn);
+          } else if (native) {
+            for (int64_t u = 0; u < rows; ++u) hn[u] = dot1_native(as + (j + u) * in, xp + toks[n] * sx, in);
+          } else if (rows == 4) {
+            const float* r = af.data() + j * in;
+            const float* x = xf.data() + n * in;
+            dot4(r, r + in, r + 2 * in, r + 3 * in, x, x, x, x, in, hn);
+          } else {
+            for (int64_t u = 0; u < rows; ++u) hn[u] = dot(af.data() + (j + u) * in, xf.data() + n * in, in);
+          }
         }
-        for (; j < rf; ++j) h[j] = dot(af.data() + j * in, xf.data(), in);
-        const float* bk = bf.data();
-        for (size_t k = 0; k < bs.size(); bk += rank * bs[k].size(2), ++k) {  // expand, target by target
-          const int64_t out = bs[k].size(2);
-          const float* hk = h.data() + k * rank;
-          T* yt = yp + t * sy + offsets[k];
-          for (int64_t o0 = 0; o0 < out; o0 += kOut) {  // kOut outputs at a time, accumulated in registers
-            const int64_t width = std::min(kOut, out - o0);
+      }
+      // Expand, target by target, kOut outputs at a time against every token of the job (that slice
+      // of B stays in cache), accumulated in registers over the rank.
+      const float* bk = bf.data();
+      for (size_t k = 0; k < bs.size(); bk += rank * bs[k].size(2), ++k) {
+        const int64_t out = bs[k].size(2);
+        for (int64_t o0 = 0; o0 < out; o0 += kOut) {
+          const int64_t width = std::min(kOut, out - o0);
+          for (int64_t n = 0; n < ntok; ++n) {
+            const float* hk = h.data() + n * rf + k * rank;
             float acc[kOut] = {0.f}, row[kOut];
             for (int64_t r = 0; r < rank; ++r) {
               if (hk[r] == 0.f) continue;  // ranks past the adapter's own are zero in A
               const float* br = bk + r * out + o0;
               for (int64_t o = 0; o < width; ++o) acc[o] += hk[r] * br[o];
             }
-            load_row(yt + o0, row, width);
+            T* yt = yp + toks[n] * sy + offsets[k] + o0;
+            load_row(yt, row, width);
             for (int64_t o = 0; o < width; ++o) row[o] += acc[o];
-            store_row(row, yt + o0, width);
+            store_row(row, yt, width);
           }
         }
       }

@@ -19,13 +19,12 @@ OUTS = [40, 16, 16]  # a fused projection of three targets (q, k, v)
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
-def make(pattern: str, dtype: torch.dtype, seed: int):
+def make(pattern: str, dtype: torch.dtype, seed: int, in_f: int = 48):
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     lens = [1] * 6 + [rng.choice([2, 5, 17, 40]) for _ in range(8)]  # decodes and prefill chunks
     row_slots = pattern_slots(pattern, len(lens), rng)
     token_slots = torch.tensor([s for n, s in zip(lens, row_slots) for _ in range(n)])
-    in_f = 48
     a = torch.zeros(NUM_SLOTS, RANK * len(OUTS), in_f)
     bs = [torch.zeros(NUM_SLOTS, RANK, out) for out in OUTS]
     for s, r in enumerate(RANKS):  # zero past each adapter's rank, as the engine's slots are
@@ -37,10 +36,11 @@ def make(pattern: str, dtype: torch.dtype, seed: int):
     return x.to(dtype), y.to(dtype), a.to(dtype), [b.to(dtype) for b in bs], token_slots
 
 
+@pytest.mark.parametrize("in_f", [48, 64], ids=["widened", "native"])  # bf16 x 64: AVX512-BF16 dots where built
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_matches_reference_and_oracle(pattern, dtype):
-    x, y, a, bs, token_slots = make(pattern, dtype, seed=PATTERNS.index(pattern))
+def test_matches_reference_and_oracle(pattern, dtype, in_f):
+    x, y, a, bs, token_slots = make(pattern, dtype, seed=PATTERNS.index(pattern), in_f=in_f)
     offsets = [0, OUTS[0], OUTS[0] + OUTS[1]]
     ours, ref = y.clone(), y.clone()
     lora_delta_(x, ours, a, bs, offsets, token_slots, RANK)
