@@ -91,9 +91,14 @@ class Engine:
         if self.device.type == "cuda" and self.attention_backend == "triton" and not config.enforce_eager:
             from batchgen.exec.cuda_graphs import DecodeGraphs
 
-            self.runner.graphs = DecodeGraphs(self.model, self.kv_caches, min(config.max_num_seqs, 256),
-                                              self.max_model_len, self.block_size, num_blocks, self.device)
-            self.runner.graphs.capture()
+            graphs = DecodeGraphs(self.model, self.kv_caches, min(config.max_num_seqs, 256), self.max_model_len,
+                                  self.block_size, num_blocks, self.device)
+            try:
+                graphs.capture()
+                self.runner.graphs = graphs
+            except Exception as e:  # noqa: BLE001 - a forward that cannot be captured still runs eagerly
+                logger.warning("CUDA graph capture failed (%s); decoding eagerly (as with enforce_eager=True)",
+                               str(e).splitlines()[0] if str(e) else type(e).__name__)
 
         self._groups: dict[str, _Group] = {}  # by child request id
         self._ready: list[RequestOutput] = []  # finished outside a step (bad input)
