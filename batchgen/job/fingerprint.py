@@ -20,7 +20,8 @@ from batchgen.job.spec import JobSpec
 
 # EngineConfig fields that only trade memory for speed. Any other (or future) field counts.
 _THROUGHPUT_ONLY = {"device", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks",
-                    "kv_cache_memory", "gpu_memory_utilization", "attention_backend", "enable_prefix_caching"}
+                    "kv_cache_memory", "gpu_memory_utilization", "attention_backend", "enable_prefix_caching",
+                    "enforce_eager"}
 
 
 def job_fingerprint(spec: JobSpec, shards: list[Shard]) -> dict[str, Any]:
