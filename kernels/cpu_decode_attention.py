@@ -7,8 +7,8 @@ Shapes: q [rows, heads, head_dim]; k_cache, v_cache [num_blocks, block_size, kv_
 block_tables [rows, max_blocks] int64; ctx_lens [rows] int64; out [rows, heads, head_dim].
 
 The torch path gathers every row's context into a padded copy per layer and reads it again in
-SDPA; this reads each K/V vector once, straight from its block, the query heads of one KV head
-together. `decode_attention_ref` beside it is the torch reference.
+SDPA; this reads each K/V vector once, straight from its block, for every query head of its KV
+head (their dot products four heads at a time, independent FMA chains). `decode_attention_ref` beside it is the torch reference.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 // D > 0: the head size as a compile-time constant (the dot products unroll fully); D == 0: any size.

@@ -88,7 +88,6 @@ class LoRAWeights:
         targets = sorted({t for a in adapters.values() for t in a.targets}, key=list(TARGETS).index)
         # Output slices of each target inside its fused projection; only targeted projections count.
         self.slices: dict[str, list[tuple[str, int, int]]] = {}
-        self.fused_out: dict[str, int] = {}
         for fused, names in FUSED.items():
             offset = 0
             for name in names:
@@ -96,7 +95,6 @@ class LoRAWeights:
                 if name in targets:
                     self.slices.setdefault(fused, []).append((name, offset, out_f))
                 offset += out_f
-            self.fused_out[fused] = offset
         L, S, R = self.num_layers, num_slots, self.max_rank
         self.A: dict[str, torch.Tensor] = {}  # keyed by target (CUDA) or fused projection (CPU)
         self.B: dict[str, torch.Tensor] = {}
