@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -79,3 +80,9 @@ def build(name: str, source: str, functions: list[str]):
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         logger.warning("C++ CPU kernels %s unavailable (%s); using the torch path", name, str(e).splitlines()[0])
         return None
+
+
+def lazy_build(name: str, source: str, functions: list[str]):
+    """`load()` for one extension (ROW_CONVERSIONS + source): builds it on the first call, then
+    returns the same module, or None when it cannot be built (callers fall back to torch)."""
+    return functools.cache(lambda: build(name, ROW_CONVERSIONS + source, functions))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._cpu_build import ROW_CONVERSIONS, build
+from kernels._cpu_build import lazy_build
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -114,17 +114,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
 }
 """
 
-_module = None
-_tried = False
-
-
-def load():
-    """The compiled extension, or None when it cannot be built here (the caller falls back to torch)."""
-    global _module, _tried
-    if not _tried:
-        _tried = True
-        _module = build("batchgen_cpu_decode_attention", ROW_CONVERSIONS + _SOURCE, ["decode_attention"])
-    return _module
+load = lazy_build("batchgen_cpu_decode_attention", _SOURCE, ["decode_attention"])
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale: float) -> torch.Tensor:

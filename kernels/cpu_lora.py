@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._cpu_build import ROW_CONVERSIONS, build
+from kernels._cpu_build import lazy_build
 
 _SOURCE = r"""
 #include <ATen/Parallel.h>
@@ -156,17 +156,7 @@ void lora_delta_(torch::Tensor x, torch::Tensor y, torch::Tensor a, std::vector<
 }
 """
 
-_module = None
-_tried = False
-
-
-def load():
-    """The compiled extension, or None when it cannot be built here (callers fall back to torch)."""
-    global _module, _tried
-    if not _tried:
-        _tried = True
-        _module = build("batchgen_cpu_lora", ROW_CONVERSIONS + _SOURCE, ["lora_delta_"])
-    return _module
+load = lazy_build("batchgen_cpu_lora", _SOURCE, ["lora_delta_"])
 
 
 def lora_delta_(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], offsets: list[int],

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._cpu_build import ROW_CONVERSIONS, build
+from kernels._cpu_build import lazy_build
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -187,17 +187,7 @@ torch::Tensor argmax(torch::Tensor x) {
 }
 """
 
-_module = None
-_tried = False
-
-
-def load():
-    """The compiled extension, or None when it cannot be built here (callers fall back to torch)."""
-    global _module, _tried
-    if not _tried:
-        _tried = True
-        _module = build("batchgen_cpu_ops", ROW_CONVERSIONS + _SOURCE, ["rms_norm", "silu_mul", "rotary_embedding_", "argmax"])
-    return _module
+load = lazy_build("batchgen_cpu_ops", _SOURCE, ["rms_norm", "silu_mul", "rotary_embedding_", "argmax"])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
