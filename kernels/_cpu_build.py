@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import platform
 
 logger = logging.getLogger("batchgen")
 
@@ -64,8 +65,9 @@ template <typename T> static inline void round_row(float* x, T* tmp, int64_t n) 
 }
 """
 
-# 512-bit vectors where the CPU has them (GCC defaults to 256-bit on AVX-512 parts).
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"]
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    _FLAGS.append("-mprefer-vector-width=512")  # 512-bit vectors on AVX-512 parts (GCC defaults to 256)
 
 
 def build(name: str, source: str, functions: list[str]):
