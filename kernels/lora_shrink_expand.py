@@ -33,6 +33,17 @@ from kernels._utils import dot_precision, interpreted, next_power_of_2
 
 
 @triton.jit
+def _segment_tile(seg_ptr, slot_ptr, BLOCK_M: tl.constexpr):
+    """This program's tile: the adapter slot of segment program_id(0), the first token of tile
+    program_id(1) within it, and the segment's end."""
+    seg = tl.program_id(0)
+    slot = tl.load(slot_ptr + seg).to(tl.int64)
+    m0 = tl.load(seg_ptr + seg) + tl.program_id(1) * BLOCK_M
+    end = tl.load(seg_ptr + seg + 1)
+    return slot, m0, end
+
+
+@triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, h_ptr, seg_ptr, slot_ptr, rank_ptr,
     K, R,
@@ -42,11 +53,7 @@ def _lora_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    seg = tl.program_id(0)
-    slot = tl.load(slot_ptr + seg).to(tl.int64)
-    start = tl.load(seg_ptr + seg)
-    end = tl.load(seg_ptr + seg + 1)
-    m0 = start + tl.program_id(1) * BLOCK_M
+    slot, m0, end = _segment_tile(seg_ptr, slot_ptr, BLOCK_M)
     if slot < 0 or m0 >= end:
         return
     rank = tl.load(rank_ptr + slot)
@@ -82,11 +89,7 @@ def _lora_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    seg = tl.program_id(0)
-    slot = tl.load(slot_ptr + seg).to(tl.int64)
-    start = tl.load(seg_ptr + seg)
-    end = tl.load(seg_ptr + seg + 1)
-    m0 = start + tl.program_id(1) * BLOCK_M
+    slot, m0, end = _segment_tile(seg_ptr, slot_ptr, BLOCK_M)
     if slot < 0 or m0 >= end:
         return
     rank = tl.load(rank_ptr + slot)

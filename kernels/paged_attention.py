@@ -51,6 +51,34 @@ def _row_of_tile(cu_q_ptr, tile, num_rows, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kvh_off, pos, n_valid, keep, d, d_valid,
+                 qk_scale, stride_cb, stride_co, stride_cd,
+                 PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile of keys at positions `pos` [BLOCK_N] (valid where n_valid) into the online softmax of
+    queries q [M, BLOCK_D] (log2 domain): scores where `keep` [M, BLOCK_N] is False count as -inf.
+    Returns the updated running max m_i [M], sum l_i [M] and accumulator acc [M, BLOCK_D]."""
+    blk = tl.load(bt_row + pos // PAGE, mask=n_valid, other=0).to(tl.int64)
+    kv_off = blk * stride_cb + (pos % PAGE).to(tl.int64) * stride_co + kvh_off  # [BLOCK_N]
+    k = tl.load(k_cache_ptr + kv_off[None, :] + d[:, None] * stride_cd,
+                mask=d_valid[:, None] & n_valid[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
+    if UPCAST:  # the interpreter multiplies bf16 as raw bits: dot in fp32 there
+        k = k.to(tl.float32)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.where(m_new > float("-inf"), m_new, 0.0)  # a query that has seen no key yet
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :] * stride_cd,
+                mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+    if UPCAST:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, ctx_ptr, bt_ptr, qk_scale, num_rows,
     stride_qt, stride_qh, stride_qd,
@@ -99,25 +127,10 @@ def _prefill_kernel(
     for start in range(0, kv_end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         n_valid = pos < kv_end
-        blk = tl.load(bt_row + pos // PAGE, mask=n_valid, other=0).to(tl.int64)
-        kv_off = blk * stride_cb + (pos % PAGE).to(tl.int64) * stride_co + kvh_off  # [BLOCK_N]
-        k = tl.load(k_cache_ptr + kv_off[None, :] + d[:, None] * stride_cd,
-                    mask=d_valid[:, None] & n_valid[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # log2 domain
-        s = tl.where((pos[None, :] <= q_pos[:, None]) & n_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_new = tl.where(m_new > float("-inf"), m_new, 0.0)  # padding rows see no key at all
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :] * stride_cd,
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        keep = (pos[None, :] <= q_pos[:, None]) & n_valid[None, :]  # causal
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kvh_off, pos, n_valid,
+                                     keep, d, d_valid, qk_scale, stride_cb, stride_co, stride_cd,
+                                     PAGE, DOT_PRECISION, UPCAST)
     l_i = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
@@ -172,24 +185,9 @@ def _decode_kernel(
     for start in range(kv_start, kv_end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         n_valid = pos < kv_end
-        blk = tl.load(bt_row + pos // PAGE, mask=n_valid, other=0).to(tl.int64)
-        kv_off = blk * stride_cb + (pos % PAGE).to(tl.int64) * stride_co + kvh_off
-        k = tl.load(k_cache_ptr + kv_off[None, :] + d[:, None] * stride_cd,
-                    mask=d_valid[:, None] & n_valid[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(n_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the first tile holds key kv_start
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :] * stride_cd,
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kvh_off, pos, n_valid,
+                                     n_valid[None, :], d, d_valid, qk_scale, stride_cb, stride_co, stride_cd,
+                                     PAGE, DOT_PRECISION, UPCAST)
 
     if SPLIT:
         part = (row.to(tl.int64) * HEADS + head) * num_splits + split  # [BLOCK_G]
