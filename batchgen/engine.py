@@ -298,20 +298,31 @@ class Engine:
         t1 = time.perf_counter()
         model_out = self.runner.execute(sched)
         t2 = time.perf_counter()
+        # What each sampled row gains this step is read off the request: one token, or with
+        # speculation the accepted proposals too (cut at a stop token).
+        sampled = [self._groups[r.request_id].child(r.request_id) for r in sched.scheduled if r.sample]
+        before = [req.num_output_tokens for req in sampled]
         finished = self.scheduler.update(sched, model_out)
-        self._counters["generated_tokens"] += len(model_out.token_ids)
+        new_tokens = [req.output_token_ids[n:] for req, n in zip(sampled, before)]
+        self._counters["generated_tokens"] += sum(map(len, new_tokens))
 
         # Stop strings: detokenize incrementally only the requests that have them.
-        for row, token in zip((r for r in sched.scheduled if r.sample), model_out.token_ids):
-            group = self._groups.get(row.request_id)
-            if group is None or not group.detokenizers:
+        for req, n, tokens in zip(sampled, before, new_tokens):
+            detokenizer = self._groups[req.request_id].detokenizers.get(req.request_id)
+            if detokenizer is None:
                 continue
-            hit = group.detokenizers[row.request_id].append(token)
-            req = group.child(row.request_id)
-            if hit is None or req.num_output_tokens < req.params.min_tokens:
+            for k, token in enumerate(tokens):
+                hit = detokenizer.append(token)
+                if hit is not None and n + k + 1 >= req.params.min_tokens:
+                    break
+            else:
                 continue
+            if k + 1 < len(tokens):  # accepted proposals past the one completing the stop string
+                del req.token_ids[k + 1 - len(tokens):]
+                if req.logprobs is not None:
+                    del req.logprobs[k + 1 - len(tokens):]
             at, req.stop_reason = hit
-            group.texts[req.request_id] = group.detokenizers[req.request_id].text[:at]
+            self._groups[req.request_id].texts[req.request_id] = detokenizer.text[:at]
             if req.finished:
                 req.finish_reason = "stop"  # its last token both ended it and completed a stop string
             else:

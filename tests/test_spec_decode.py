@@ -131,6 +131,23 @@ def test_spec_stops_at_stop_token_inside_accepted_run(tiny_model_dir):
         assert out.token_ids == want and out.finish_reason == "stop" and out.stop_reason == stop
 
 
+def test_spec_stop_strings_see_every_accepted_token(smol_dir):
+    """Stop strings are matched over all tokens a step adds (accepted proposals too): the same text,
+    tokens and counts as plain decoding, and nothing after the stop string leaks out."""
+    params = [SamplingParams(temperature=0, max_tokens=40, stop=[stop]) for stop in (" lazy", "plums,", " ON THE")]
+    plain_llm = LLM(smol_dir)
+    plain = plain_llm.chat([[{"role": "user", "content": c}] for c in COPY_CHATS[:3]], params, use_tqdm=False)
+    spec = dict(method="ngram", num_speculative_tokens=4, prompt_lookup_min=2, prompt_lookup_max=4)
+    llm = LLM(smol_dir, speculative=spec)
+    outs = llm.chat([[{"role": "user", "content": c}] for c in COPY_CHATS[:3]], params, use_tqdm=False)
+    assert llm.stats()["spec_accepted_tokens"] > 0
+    for ours, ref in zip(outs, plain):
+        assert ours.outputs[0].finish_reason == ref.outputs[0].finish_reason == "stop"
+        assert ours.outputs[0].text == ref.outputs[0].text
+        assert ours.outputs[0].token_ids == ref.outputs[0].token_ids
+    assert llm.stats()["generated_tokens"] == plain_llm.stats()["generated_tokens"]
+
+
 def test_sampled_spec_keeps_the_target_distribution(tiny_model_dir):
     """Joint distribution of the first two tokens, the second drawn through rejection sampling
     against a different draft model, equals the target's exact one (chi-square)."""
