@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from batchgen.cache.kv_manager import KVCacheManager
+from batchgen.cache.kv_manager import KVCacheManager, cdiv
 from batchgen.config import EngineConfig
 from batchgen.detokenizer import IncrementalDetokenizer
 from batchgen.exec.model_runner import ModelRunner
@@ -80,12 +80,6 @@ class Engine:
         self.runner = ModelRunner(self.model, self.kv_caches, self.block_size, self.device, config.seed)
         self.runner.lora = self.lora
         self.runner.attention_backend = self.attention_backend
-        if self.attention_backend == "triton":
-            from batchgen.exec.attention_triton import use_triton_attention
-
-            for m in (self.model, self.draft_model):
-                if m is not None:
-                    use_triton_attention(m)
         if self.spec:
             self.runner.proposer = self._make_proposer(num_blocks)
         if self.device.type == "cuda" and self.attention_backend == "triton" and not config.enforce_eager:
@@ -117,6 +111,10 @@ class Engine:
         model.load_weights(iter_safetensors(model_dir))
         if can_pack(self.device, self.dtype):
             model.pack_for_cpu()
+        if self.attention_backend == "triton":  # before anything runs it (the memory-profiling forward)
+            from batchgen.exec.attention_triton import use_triton_attention
+
+            use_triton_attention(model)
         return model.eval()
 
     def _load_loras(self):
@@ -187,7 +185,7 @@ class Engine:
         batch. Measured on CUDA; elsewhere the forward still runs (it checks the path) and 0 is returned."""
         from batchgen.sched.output import ScheduledRequest
 
-        blocks = -(-token_budget // self.block_size)
+        blocks = cdiv(token_budget, self.block_size)
         kv = self._allocate_kv(blocks + 1)
         runner = ModelRunner(self.model, kv, self.block_size, self.device, self.config.seed)
         runner.attention_backend = self.attention_backend
@@ -212,7 +210,7 @@ class Engine:
         window = getattr(self.hf_config, "sliding_window", None)
         if window and getattr(self.hf_config, "use_sliding_window", True) and length > window:
             raise ValueError(f"max_model_len {length} exceeds the model's sliding window {window}, which "
-                             "batchgen does not implement; set max_model_len <= {window}")
+                             f"batchgen does not implement; set max_model_len <= {window}")
         capacity = num_blocks * self.block_size
         if length > capacity:
             logger.warning("max_model_len %d capped to the KV pool's %d tokens", length, capacity)

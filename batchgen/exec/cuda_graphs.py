@@ -21,6 +21,7 @@ import logging
 
 import torch
 
+from batchgen.cache.kv_manager import cdiv
 from batchgen.exec.attention import AttentionMetadata
 
 logger = logging.getLogger("batchgen")
@@ -43,7 +44,7 @@ class DecodeGraphs:
         self.null_block = null_block
         self.null_slot = null_block * block_size
         self.capture_graphs = capture
-        max_blocks = -(-max_model_len // block_size)
+        max_blocks = cdiv(max_model_len, block_size)
         n = self.max_rows
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)

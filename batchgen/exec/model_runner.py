@@ -12,10 +12,12 @@ from dataclasses import replace
 
 import torch
 
+from batchgen.cache.kv_manager import cdiv
 from batchgen.exec.attention import AttentionMetadata, ChunkSegment, SingleGroup
 from batchgen.exec.rejection import verify_greedy, verify_sampled
 from batchgen.exec.sampler import Sampler, filtered_probs
 from batchgen.sched.output import ModelOutput, SchedulerOutput
+from batchgen.spec import Proposer
 from kernels.cpu_decode_attention import load as load_cpu_decode_kernel
 
 
@@ -26,7 +28,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler(seed, device)
-        self.proposer = None  # speculative decoding: set by the engine
+        self.proposer: Proposer | None = None  # speculative decoding: set by the engine
         # On CPU, one-token rows attend through a C++ kernel when it builds (compiled once, cached).
         self.cpu_decode_kernel = device.type == "cpu" and load_cpu_decode_kernel() is not None
         self.lora = None  # multi-LoRA slots (batchgen.lora.layers.LoRAWeights): set by the engine
@@ -50,51 +52,49 @@ class ModelRunner:
         positions = torch.arange(int(lens_t.sum())) - first_token[row_of_token] + torch.tensor(starts)[row_of_token]
 
         # Block table of every row, padded with block 0 (masked out wherever it is read).
-        max_blocks = max(-(-(s + n) // bs) for s, n in zip(starts, lens))
+        max_blocks = max(cdiv(s + n, bs) for s, n in zip(starts, lens))
         tables = torch.tensor([r.block_ids[:max_blocks] + [0] * (max_blocks - len(r.block_ids[:max_blocks]))
                                for r in rows])  # [rows, max_blocks]
         slot_mapping = tables[row_of_token, positions // bs] * bs + positions % bs  # [tokens]
 
         num_single = sum(1 for n in lens if n == 1)  # first in the batch, shortest context first
-        single_groups = []
-        if num_single and self.cpu_decode_kernel:  # reads blocks in place: one call, no padding cost
-            ctx = torch.tensor(starts[:num_single]) + 1
-            single_groups.append(SingleGroup(0, num_single, tables[:num_single], None, ctx))
-        elif num_single:
-            for start, end in _similar_length_groups([-(-(s + 1) // bs) for s in starts[:num_single]]):
-                ctx = torch.tensor(starts[start:end]) + 1
-                width = -(-int(ctx.max()) // bs)
-                mask = (torch.arange(width * bs).unsqueeze(0) < ctx.unsqueeze(1))[:, None, None, :]
-                single_groups.append(SingleGroup(start, end, tables[start:end, :width].to(self.device),
-                                                 mask.to(self.device)))
-
-        chunks = []
-        for i in range(num_single, len(rows)):
-            start, n = starts[i], lens[i]
-            ctx = start + n
-            mask = None
-            if start > 0:  # causal over the cached prefix plus the chunk itself
-                mask = torch.arange(ctx).unsqueeze(0) <= (start + torch.arange(n)).unsqueeze(1)
-                mask = mask.to(self.device)
-            chunks.append(ChunkSegment(int(first_token[i]), n, ctx, tables[i, :-(-ctx // bs)].to(self.device), mask))
-
-        meta = AttentionMetadata(
-            slot_mapping=slot_mapping.to(self.device),
-            num_single=num_single,
-            single_groups=single_groups,
-            chunks=chunks,
-            max_position=max(s + n for s, n in zip(starts, lens)) - 1,
-        )
+        meta = AttentionMetadata(slot_mapping=slot_mapping.to(self.device), num_single=num_single,
+                                 max_position=max(s + n for s, n in zip(starts, lens)) - 1)
         if self.attention_backend == "triton":  # every row, in batch order
             ctx_lens = [s + n for s, n in zip(starts, lens)]
             meta.cu_seqlens_q = self._tensor([0, *itertools.accumulate(lens)], torch.int32)
             meta.context_lens = self._tensor(ctx_lens, torch.int32)
             meta.block_tables = tables.to(torch.int32).to(self.device, non_blocking=True)
             meta.max_q_len, meta.max_context_len = max(lens), max(ctx_lens)
+        else:
+            meta.single_groups = self._single_groups(starts[:num_single], tables)
+            meta.chunks = [self._chunk(int(first_token[i]), starts[i], lens[i], tables[i])
+                           for i in range(num_single, len(rows))]
         last_token = (first_token + lens_t - 1)[[i for i, r in enumerate(rows) if r.sample]]  # [sampled rows]
-        if self.lora is not None:  # which adapter slot each row's tokens use in this forward
-            self.lora.set_batch(lens, [r.lora_slot for r in rows])
         return input_ids, positions.to(self.device), meta, last_token.to(self.device)
+
+    def _single_groups(self, starts: list[int], tables: torch.Tensor) -> list[SingleGroup]:
+        """Torch backend: the one-token rows (positions `starts`, shortest context first)."""
+        bs = self.block_size
+        if not starts:
+            return []
+        if self.cpu_decode_kernel:  # reads blocks in place: one call, no padding cost
+            return [SingleGroup(0, len(starts), tables[:len(starts)], None, torch.tensor(starts) + 1)]
+        groups = []
+        for start, end in _similar_length_groups([cdiv(s + 1, bs) for s in starts]):
+            ctx = torch.tensor(starts[start:end]) + 1
+            width = cdiv(int(ctx.max()), bs)
+            mask = (torch.arange(width * bs).unsqueeze(0) < ctx.unsqueeze(1))[:, None, None, :]
+            groups.append(SingleGroup(start, end, tables[start:end, :width].to(self.device), mask.to(self.device)))
+        return groups
+
+    def _chunk(self, q_start: int, start: int, n: int, table: torch.Tensor) -> ChunkSegment:
+        """Torch backend: a multi-token chunk of n tokens at positions start.., its queries from q_start."""
+        ctx = start + n
+        mask = None
+        if start > 0:  # causal over the cached prefix plus the chunk itself
+            mask = (torch.arange(ctx).unsqueeze(0) <= (start + torch.arange(n)).unsqueeze(1)).to(self.device)
+        return ChunkSegment(q_start, n, ctx, table[:cdiv(ctx, self.block_size)].to(self.device), mask)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
@@ -116,7 +116,10 @@ class ModelRunner:
             rows = [replace(r, token_ids=r.token_ids + p) if p else r for r, p in zip(rows, proposals)]
         # One-token rows first, by context length, so attention pads each group only to its peers.
         order = sorted(range(len(rows)), key=lambda i: (rows[i].num_tokens != 1, rows[i].start_pos))
-        input_ids, positions, meta, last_token = self.prepare(SchedulerOutput([rows[i] for i in order]))
+        batch = [rows[i] for i in order]
+        input_ids, positions, meta, last_token = self.prepare(SchedulerOutput(batch))
+        if self.lora is not None:  # which adapter slot each row's tokens use in this forward
+            self.lora.set_batch([r.num_tokens for r in batch], [r.lora_slot for r in batch])
         t = time.perf_counter()
         if self._graphable(meta, input_ids.shape[0]):
             hidden = self.graphs.run(input_ids, positions, meta)  # [tokens, hidden]

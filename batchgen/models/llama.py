@@ -203,7 +203,7 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the fused layout; every parameter must be filled exactly once."""
         params = dict(self.named_parameters())
-        fused = {  # HF name part -> (our name part, shard index, shard sizes)
+        fused_parts = {  # HF name part -> (our name part, shard index)
             "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
         }
@@ -220,8 +220,8 @@ class LlamaForCausalLM(nn.Module):
             parts = name.split(".")
             shard = None
             for i, part in enumerate(parts):
-                if part in fused:
-                    parts[i], shard = fused[part]
+                if part in fused_parts:
+                    parts[i], shard = fused_parts[part]
                     fused_part = parts[i]
             name = ".".join(parts)
             if name not in params:

@@ -38,8 +38,11 @@ def test_backend_matches_torch_backend_on_prepared_batch(device, block_size):
     v = torch.randn(tokens, kv_heads, d, generator=g).to(device)
     cache = torch.randn(2, 40, bs, kv_heads, d, generator=g).to(device)  # the cached prefixes: random
     cache_ref = cache.clone()
+    torch_runner = ModelRunner(None, [], bs, torch.device(device), 0)  # the torch backend's own metadata
+    _, _, torch_meta, _ = torch_runner.prepare(SchedulerOutput(rows))
+    assert meta.chunks == [] and meta.single_groups == []  # the Triton backend does not build them
     out = attention_triton.paged_attention(q, k, v, cache, meta, d ** -0.5)
-    ref = attention.paged_attention(q, k, v, cache_ref, meta, d ** -0.5)
+    ref = attention.paged_attention(q, k, v, cache_ref, torch_meta, d ** -0.5)
     assert torch.equal(cache, cache_ref)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
