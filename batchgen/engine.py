@@ -129,9 +129,7 @@ class Engine:
         adapters = load_adapters(self.config.lora_adapters, ProjectionDims.of_model(self.model),
                                  self.config.max_lora_rank)
         num_slots = min(self.config.max_loras, len(adapters))
-        weights = LoRAWeights(self.model, adapters, num_slots, self.dtype, self.device)
-        for adapter in adapters.values():
-            adapter.weights = {}  # LoRAWeights holds them now, packed per slot layout: don't keep two copies
+        weights = LoRAWeights(self.model, adapters, num_slots, self.dtype, self.device)  # keeps them packed
         logger.info("LoRA: %d adapter(s) (%s), %d device slot(s), max rank %d", len(adapters),
                     ", ".join(adapters), num_slots, weights.max_rank)
         return weights, LoRASlots(num_slots)

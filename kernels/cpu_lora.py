@@ -9,8 +9,9 @@ Shapes: x [tokens, in]; y [tokens, out of the fused projection], updated in plac
 
 Why a kernel: at decode the LoRA FLOPs are ~4% of the base model's, but as torch ops they are
 dozens of tiny gathers, bmms and index_adds per layer whose fixed costs exceed the math. Here each
-job is up to 16 tokens of one slot: it widens that slot's A and B to fp32 once, then each token is
-one pass over them.
+job is up to 16 tokens of one slot: it widens that slot's B (and A, unless the shrink runs as
+AVX512-BF16 dot products straight from bf16) to fp32 once, then streams each A row and B slice over
+all of the job's tokens.
 `lora_delta_ref` beside it is the torch reference.
 """
 

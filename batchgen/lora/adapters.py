@@ -72,10 +72,6 @@ class LoRAAdapter:
     # (layer, HF target) -> (A [r, in], B [out, r], scale); CPU tensors as saved
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = field(repr=False)
 
-    @property
-    def num_params(self) -> int:
-        return sum(a.numel() + b.numel() for a, b, _ in self.weights.values())
-
 
 def load_adapter(name: str, path: str, dims: ProjectionDims, max_rank: int) -> LoRAAdapter:
     """Read and validate one PEFT LoRA directory. Raises AdapterError naming the adapter."""

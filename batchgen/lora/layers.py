@@ -36,8 +36,13 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
 class LoRABatch:
     """Where the adapters sit in this forward's flat token batch."""
 
-    def __init__(self, row_tokens: list[int], row_slots: list[int], device: torch.device, use_triton: bool):
-        seg_starts, seg_slots, tok = [0], [], 0
+    def __init__(self, row_tokens: list[int], row_slots: list[int], device: torch.device, path: str):
+        """path: "triton" (SGMV segments), "kernel" (the C++ kernel: a slot per token) or "torch"."""
+        self.num_tokens = sum(row_tokens)
+        if path == "kernel":  # the slot of every token (-1: base model)
+            self.token_slots = torch.tensor(row_slots).repeat_interleave(torch.tensor(row_tokens))
+            return
+        seg_starts, seg_slots, tok = [0], [], 0  # runs of consecutive tokens with one slot
         for n, slot in zip(row_tokens, row_slots):
             if seg_slots and seg_slots[-1] == slot:
                 seg_starts[-1] = tok + n
@@ -45,17 +50,12 @@ class LoRABatch:
                 seg_slots.append(slot)
                 seg_starts.append(tok + n)
             tok += n
-        self.num_tokens = tok
-        self.active = any(s >= 0 for s in seg_slots)
-        if use_triton:  # the SGMV segment arrays
+        if path == "triton":
             self.seg_starts = torch.tensor(seg_starts, dtype=torch.int32).to(device, non_blocking=True)
             self.seg_slots = torch.tensor(seg_slots, dtype=torch.int32).to(device, non_blocking=True)
             self.max_seg_len = max((seg_starts[i + 1] - seg_starts[i] for i, s in enumerate(seg_slots) if s >= 0),
                                    default=0)
             return
-        # CPU kernel: the slot of every token (-1: base model)
-        self.token_slots = torch.tensor([slot for n, slot in zip(row_tokens, row_slots) for _ in range(n)],
-                                        dtype=torch.long)
         # CPU torch path: the adapter tokens grouped by slot into a padded [len(slots), per_slot] batch: `src`
         # are their token indices, `dst` their places in the padded batch (row-major).
         by_slot: dict[int, list[int]] = {}
@@ -76,7 +76,7 @@ class LoRAWeights:
 
     def __init__(self, model, adapters: dict[str, LoRAAdapter], num_slots: int, dtype: torch.dtype,
                  device: torch.device, use_triton: bool | None = None):
-        self.adapters = adapters
+        self.adapters = tuple(adapters)  # names; the weights live on in `_packed`
         self.num_slots = num_slots
         self.device = device
         self.use_triton = device.type == "cuda" if use_triton is None else use_triton
@@ -103,18 +103,16 @@ class LoRAWeights:
                 in_f, out_f = dims.dims[t]
                 self.A[t] = torch.zeros(L, S, R, in_f, dtype=self.dtype, device=device)
                 self.B[t] = torch.zeros(L, S, out_f, R, dtype=self.dtype, device=device)
-            self._ranks_dev = {t: torch.zeros(S, dtype=torch.int32, device=device) for t in targets}
+            self._ranks_dev = {t: torch.zeros(S, dtype=torch.int32, device=device) for t in targets}  # per slot
         else:
             for fused, parts in self.slices.items():
                 in_f = dims.dims[parts[0][0]][0]
                 self.A[fused] = torch.zeros(L, S, R * len(parts), in_f, dtype=self.dtype, device=device)
                 for t, _, out_f in parts:
                     self.B[t] = torch.zeros(L, S, R, out_f, dtype=self.dtype, device=device)
-        self.ranks = {t: [0] * num_slots for t in targets}  # per target, rank of each slot's adapter (0: none)
+        self.targets = targets
         self._packed = {name: self._pack(a) for name, a in adapters.items()}
-        self.slot_adapter: list[str | None] = [None] * num_slots
         self.batch: LoRABatch | None = None
-        self.num_loads = 0
         self._attach(model)
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -123,7 +121,7 @@ class LoRAWeights:
         """The adapter as CPU tensors, per target A [layers, r, in] and B [layers, out, r] (B scaled),
         r = its largest rank for that target."""
         packed = {}
-        for t in self.ranks:
+        for t in self.targets:
             mods = {layer: w for (layer, target), w in adapter.weights.items() if target == t}
             if not mods:
                 continue
@@ -158,7 +156,6 @@ class LoRAWeights:
                 if r:
                     self.A[t][:, slot, :r].copy_(a, non_blocking=True)
                     self.B[t][:, slot, :, :r].copy_(b, non_blocking=True)
-                self.ranks[t][slot] = r
                 self._ranks_dev[t][slot] = r
         else:
             for fused, parts in self.slices.items():
@@ -169,9 +166,6 @@ class LoRAWeights:
                     if r:  # target k's A: rank rows k*R .. k*R + r of the fused A
                         self.A[fused][:, slot, k * self.max_rank:k * self.max_rank + r].copy_(a)
                         self.B[t][:, slot, :r].copy_(b.transpose(1, 2))
-                    self.ranks[t][slot] = r
-        self.slot_adapter[slot] = name
-        self.num_loads += 1
 
     def load_pending(self, loads: list[tuple[int, str]]) -> None:
         """Load the (slot, adapter) assignments the scheduler made for this step."""
@@ -183,14 +177,15 @@ class LoRAWeights:
         if all(s < 0 for s in row_slots):
             self.batch = None  # base-model rows only: no LoRA work at all
         else:
-            self.batch = LoRABatch(row_tokens, row_slots, self.device, self.use_triton)
+            path = "triton" if self.use_triton else "kernel" if self.use_cpu_kernel else "torch"
+            self.batch = LoRABatch(row_tokens, row_slots, self.device, path)
 
     # ---- compute --------------------------------------------------------------------------------
 
     def apply(self, layer: int, projection: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [tokens, out of the fused projection] += the LoRA delta of every target in it; returns y."""
         batch = self.batch
-        if batch is None or not batch.active or projection not in self.slices:
+        if batch is None or projection not in self.slices:
             return y
         if batch.num_tokens != x.shape[0]:
             raise RuntimeError(f"LoRA batch maps {batch.num_tokens} tokens, the forward has {x.shape[0]}: "
