@@ -85,7 +85,8 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int, mod
 def assert_greedy_match(model_dir: str, prompts, ours: list[list[int]], theirs: list[list[int]], hf_model=None,
                         tie_gap: float = 1e-3) -> None:
     """Token-identical, except that a divergence is accepted where HF's top two logits are within
-    tie_gap of each other (fp32 round-off decides such ties either way)."""
+    tie_gap of each other and our token is the other one of them (fp32 round-off decides such ties
+    either way)."""
     from transformers import AutoModelForCausalLM
 
     for i, (prompt, a, b) in enumerate(zip(prompts, ours, theirs)):
@@ -96,7 +97,10 @@ def assert_greedy_match(model_dir: str, prompts, ours: list[list[int]], theirs: 
         with torch.no_grad():
             logits = hf_model(torch.tensor([list(prompt) + b[:k]])).logits[0, -1]
         assert k < len(b), f"prompt {i}: we generated past HF's end: {a} vs {b}"
+        assert k < len(a), f"prompt {i}: we stopped at {len(a)} tokens, HF went on: {a} vs {b}"
         top2 = logits.topk(2).values
         gap = float(top2[0] - top2[1])
         assert gap < tie_gap, (f"prompt {i}: diverges at token {k} ({a[k:k+3]} vs HF {b[k:k+3]}) "
                                f"where HF's top-2 logit gap is {gap:.2e}, not a near-tie")
+        assert float(logits[b[k]] - logits[a[k]]) < tie_gap, (
+            f"prompt {i}: diverges at token {k} to {a[k]}, not HF's near-tied runner-up ({b[k]} is HF's choice)")

@@ -15,6 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+import kernels.lora_shrink_expand as lo
 import kernels.paged_attention as pa
 import kernels.rms_norm as rn
 import kernels.rotary as ro
@@ -48,7 +49,8 @@ def arg_type(v) -> str:
 
 def record() -> None:
     for mod, name in [(pa, "_prefill_kernel"), (pa, "_decode_kernel"), (pa, "_merge_splits_kernel"),
-                      (sk, "_store_kv_kernel"), (rn, "_rms_norm_kernel"), (ro, "_rotary_kernel")]:
+                      (sk, "_store_kv_kernel"), (rn, "_rms_norm_kernel"), (ro, "_rotary_kernel"),
+                      (lo, "_lora_shrink_kernel"), (lo, "_lora_expand_kernel")]:
         setattr(mod, name, Recorder(getattr(mod, name)))
     i32 = torch.int32
     for dtype, heads, kv_heads, head_dim, partition in [(torch.bfloat16, 32, 8, 128, 64),  # split-K
@@ -64,6 +66,10 @@ def record() -> None:
                             torch.zeros(6, dtype=torch.int64))
         x = torch.zeros(6, 4096 if dtype == torch.bfloat16 else 576, dtype=dtype)
         rn.rms_norm(x, x[0], 1e-6, x)
+        seg_starts, seg_slots, ranks = (torch.tensor(v, dtype=i32) for v in ([0, 2, 6], [0, -1], [8, 4]))
+        h = lo.lora_shrink(x, torch.zeros(2, 16, x.shape[1], dtype=dtype), seg_starts, seg_slots, ranks)
+        lo.lora_expand(h, torch.zeros(2, 96, 16, dtype=dtype), torch.zeros(6, 96, dtype=dtype), seg_starts, seg_slots,
+                       ranks)
 
 
 def compile_all(capability: int) -> list[str]:

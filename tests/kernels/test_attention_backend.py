@@ -45,6 +45,11 @@ def test_backend_matches_torch_backend_on_prepared_batch(device, block_size):
     ref = attention.paged_attention(q, k, v, cache_ref, torch_meta, d ** -0.5)
     assert torch.equal(cache, cache_ref)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch_runner.cpu_decode_kernel = False  # one-token rows through masked SDPA groups instead
+    _, _, sdpa_meta, _ = torch_runner.prepare(SchedulerOutput(rows))
+    assert sdpa_meta.single_groups and sdpa_meta.single_groups[0].mask is not None
+    torch.testing.assert_close(attention.paged_attention(q, k, v, cache_ref.clone(), sdpa_meta, d ** -0.5), ref,
+                               atol=2e-5, rtol=2e-5)
 
 
 def test_torch_metadata_has_no_triton_fields():
@@ -130,13 +135,28 @@ def test_decode_graph_buffers_match_eager(tiny_model_dir):
         outs[graphs] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         if graphs:
             assert 3 in used and 4 in used  # decode-only steps of 3 rows (padded to 4) and of 4 rows
-            null = engine.kv.num_blocks  # padding rows wrote only into the null block
-            assert engine.kv_caches[0].shape[1] == null + 1
+        null = engine.kv.num_blocks  # padding rows wrote into the null block, and only padding rows do
+        assert engine.kv_caches[0].shape[1] == null + 1
+        assert (engine.kv_caches[0][:, null].abs().sum() > 0) == graphs
     assert outs[True] == outs[False]
 
 
 def test_profile_forward_runs_at_the_token_budget(tiny_model_dir):
     """The GPU memory-sizing forward (one row of the whole token budget) runs through the real
     runner; only CUDA measures it, so on CPU it reports 0."""
+    from batchgen.exec.model_runner import ModelRunner
+
     llm = LLM(tiny_model_dir("llama"), dtype="float32", device="cpu", num_kv_blocks=16)
-    assert llm.engine._profile_forward(40) == 0
+    seen = []
+    execute = ModelRunner.execute
+
+    def recording(runner, sched):
+        seen.append([r.num_tokens for r in sched.scheduled])
+        return execute(runner, sched)
+
+    ModelRunner.execute = recording
+    try:
+        assert llm.engine._profile_forward(40) == 0
+    finally:
+        ModelRunner.execute = execute
+    assert seen == [[40]]  # one row of the whole budget went through the runner

@@ -22,3 +22,4 @@ def test_kernels_compile_for_sm90():
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.stdout.count("ok ") >= 11 and "SPLIT=True" in proc.stdout, proc.stdout
+    assert "ok _lora_shrink_kernel" in proc.stdout and "ok _lora_expand_kernel" in proc.stdout, proc.stdout

@@ -5,10 +5,6 @@ checked against a per-token dense oracle."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tests/kernels/conftest.py does too)
-
 import random
 
 import pytest
@@ -20,8 +16,11 @@ from kernels.lora_shrink_expand import (
     lora_shrink,
     lora_shrink_ref,
 )
+from tests.kernels.conftest import INTERPRETED  # the conftest decided: interpreted or compiled
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+DEVICE = "cpu" if INTERPRETED else "cuda"  # interpreted kernels take CPU tensors, compiled ones CUDA tensors
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                reason="kernels compiled for CUDA, and no CUDA device")
 NUM_SLOTS = 6
 MAX_RANK = 16
 RANKS = [8, 16, 4, 0, 1, 13]  # per slot; 0: the adapter does not target this projection
@@ -179,8 +178,9 @@ def test_empty_and_max_seg_len_hint():
 
 @pytest.mark.parametrize("pattern", ["zipf", "with_base", "distinct", "identical"])
 def test_lora_layer_triton_path_matches_torch_path(pattern):
-    """LoRAWeights.apply on both paths against a dense per-token oracle, every fused projection; the
-    torch path in both of its forms (each slot's tokens one run: `identical`; scattered: the rest)."""
+    """LoRAWeights.apply on every path against a dense per-token oracle, every fused projection: the
+    batched torch path (each slot's tokens one run: `identical`; scattered: the rest), the C++
+    kernel where it builds, and the Triton SGMV path."""
     from transformers import LlamaConfig
 
     from batchgen.lora.adapters import LoRAAdapter, ProjectionDims
@@ -210,8 +210,12 @@ def test_lora_layer_triton_path_matches_torch_path(pattern):
     row_slots = [s if s < 3 else -1 for s in pattern_slots(pattern, rows, rng)]
     tokens = sum(lens)
     out = {}
-    for use_triton in (False, True):
+    for path in ("torch", "kernel", "triton"):
+        use_triton = path == "triton"
         w = LoRAWeights(model, adapters, 3, torch.float32, torch.device("cpu"), use_triton=use_triton)
+        if (path == "kernel" and not w.use_cpu_kernel) or (path == "triton" and not INTERPRETED):
+            continue  # no C++ compiler here / Triton compiled for CUDA while these tensors are on CPU
+        w.use_cpu_kernel = path == "kernel"
         w.load_pending([(0, "x"), (1, "y"), (2, "z")])
         w.set_batch(lens, row_slots)
         gen = torch.Generator().manual_seed(2)
@@ -221,10 +225,10 @@ def test_lora_layer_triton_path_matches_torch_path(pattern):
                 out_f = sum(dims.dims[t][1] for t in targets)
                 x = torch.randn(tokens, in_f, generator=gen)
                 y = torch.randn(tokens, out_f, generator=gen)
-                out[(use_triton, layer, proj)] = (x, y.clone(), w.apply(layer, proj, x, y))
+                out[(path, layer, proj)] = (x, y.clone(), w.apply(layer, proj, x, y))
     token_slot = [s for n, s in zip(lens, row_slots) for _ in range(n)]
     names = ["x", "y", "z"]
-    for (use_triton, layer, proj), (x, y0, y) in out.items():
+    for (path, layer, proj), (x, y0, y) in out.items():
         expected = y0.double().clone()  # dense oracle: every target into its slice of the fused output
         offset = 0
         for t in FUSED[proj]:
@@ -235,5 +239,5 @@ def test_lora_layer_triton_path_matches_torch_path(pattern):
                     a, b, scale = mod
                     expected[i, offset:offset + out_f] += scale * (x[i].double() @ a.double().T) @ b.double().T
             offset += out_f
-        where = f"triton={use_triton} layer {layer} {proj}"
+        where = f"{path} path, layer {layer} {proj}"
         torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4, msg=lambda m, w=where: f"{w}: {m}")

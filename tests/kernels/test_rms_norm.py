@@ -49,3 +49,9 @@ def test_rms_norm_reference_is_batchgens_rmsnorm():
         norm.weight.normal_()
     x = torch.randn(4, 48)
     torch.testing.assert_close(rms_norm_ref(x, norm.weight.detach(), 1e-6), norm(x).detach())
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hf = LlamaRMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        hf.weight.copy_(norm.weight)
+    torch.testing.assert_close(norm(x).detach(), hf(x).detach())  # the oracle itself
