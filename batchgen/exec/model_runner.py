@@ -16,7 +16,7 @@ from batchgen.cache.kv_manager import cdiv
 from batchgen.exec.attention import AttentionMetadata, ChunkSegment, SingleGroup
 from batchgen.exec.rejection import verify_greedy, verify_sampled
 from batchgen.exec.sampler import Sampler, filtered_probs
-from batchgen.sched.output import ModelOutput, SchedulerOutput
+from batchgen.sched.output import ModelOutput, ScheduledRequest, SchedulerOutput
 from batchgen.spec import Proposer
 from kernels.cpu_decode_attention import load as load_cpu_decode_kernel
 
@@ -114,8 +114,7 @@ class ModelRunner:
             self.proposer.observe(rows, proposals)
             # Rows with proposals become multi-token chunks; one-token rows stay first.
             rows = [replace(r, token_ids=r.token_ids + p) if p else r for r, p in zip(rows, proposals)]
-        # One-token rows first, by context length, so attention pads each group only to its peers.
-        order = sorted(range(len(rows)), key=lambda i: (rows[i].num_tokens != 1, rows[i].start_pos))
+        order = batch_order(rows)
         batch = [rows[i] for i in order]
         input_ids, positions, meta, last_token = self.prepare(SchedulerOutput(batch))
         if self.lora is not None:  # which adapter slot each row's tokens use in this forward
@@ -178,6 +177,13 @@ class ModelRunner:
                 accepted, token = verify_sampled(probs, proposals[i], draft_probs[i], self.sampler.generator_for(row))
             result[i] = (token, None, accepted)
         return result
+
+
+def batch_order(rows: list[ScheduledRequest]) -> list[int]:
+    """The forward's row order: one-token rows first (attention's decode path), the rows of one LoRA
+    slot side by side (one SGMV segment each), shortest context first among those (the torch
+    backend pads a group of one-token rows only to its peers)."""
+    return sorted(range(len(rows)), key=lambda i: (rows[i].num_tokens != 1, rows[i].lora_slot, rows[i].start_pos))
 
 
 def _similar_length_groups(blocks: list[int], slack: float = 1.25) -> list[tuple[int, int]]:

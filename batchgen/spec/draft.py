@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import torch
 
+from batchgen.exec.model_runner import batch_order
 from batchgen.exec.sampler import Sampler, filtered_probs
 from batchgen.sched.output import ScheduledRequest, SchedulerOutput
 
@@ -20,7 +21,8 @@ class DraftProposer:
         self.model = model
         self.kv_caches = kv_caches  # per layer [2, num_blocks, block_size, kv_heads, head_dim], target's block ids
         self.prepare = prepare  # the target runner's input builder: same layout, same slots
-        self.sampler = Sampler(seed + 1, device)  # the draft's own random stream
+        # Its own shared random stream; a row with a seed draws from a generator seeded like the target's.
+        self.sampler = Sampler(seed + 1, device)
 
     def forget(self, request_ids: list[str]) -> None:
         self.sampler.forget(request_ids)
@@ -31,9 +33,8 @@ class DraftProposer:
 
     def observe(self, rows: list[ScheduledRequest], proposals: list[list[int]]) -> None:
         rest = [r for r, p in zip(rows, proposals) if not p]
-        rest.sort(key=lambda r: (r.num_tokens != 1, r.start_pos))  # the runner's batch order
         if rest:
-            self._forward(rest)
+            self._forward([rest[i] for i in batch_order(rest)])
 
     def propose(self, rows: list[ScheduledRequest]) -> tuple[list[list[int]], list]:
         proposals: list[list[int]] = [[] for _ in rows]
