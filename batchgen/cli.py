@@ -18,6 +18,7 @@ from batchgen.job.outputs import (
     merge_outputs,
     output_status,
 )
+from batchgen.job.parallel import WorkerFailed
 from batchgen.job.progress import format_summary
 from batchgen.job.runner import JobConflict, JobFailed, run_job
 from batchgen.job.spec import JobSpec, JobSpecError, load_spec, parse_data_parallel
@@ -84,13 +85,7 @@ def run(job: str, overrides: tuple[str, ...], force: bool, quiet: bool, task_ind
                          data_parallel=data_parallel)
     except JobSpecError as e:  # input paths that match nothing are found only now
         raise _JobFileError(f"{job}: {e}") from None
-    except (JobConflict, JobFailed) as e:
-        raise click.ClickException(str(e)) from None
-    except RuntimeError as e:
-        from batchgen.job.parallel import WorkerFailed
-
-        if not isinstance(e, WorkerFailed):
-            raise
+    except (JobConflict, JobFailed, WorkerFailed) as e:
         raise click.ClickException(str(e)) from None
     if not quiet:
         click.echo(format_summary(result.stats), err=True)
@@ -184,14 +179,14 @@ def slurm(job: str, tasks: int, gpus_per_task: int, cpus_per_task: int | None, m
     `batchgen status OUT` and assemble the result with `batchgen merge OUT --to FILE`.
     """
     from batchgen.job import slurm as slurm_mod
-    from batchgen.job.tasks import SINGLE, OutputLayout, Task, check_task_count
+    from batchgen.job.tasks import OutputLayout, Task, check_task_count
 
     spec = _load(job, overrides)
     opts = slurm_mod.SlurmOptions(tasks, gpus_per_task, cpus_per_task, mem, time_limit, partition, account, grace,
                                   None if data_parallel is None else str(data_parallel), job_name, log_dir,
                                   overrides, list(extra))
     try:
-        check_task_count(OutputLayout(spec.output.path), Task(0, tasks) if tasks > 1 else SINGLE, force=False)
+        check_task_count(OutputLayout(spec.output.path), Task(0, tasks), force=False)
         path, logs = slurm_mod.write_script(job, spec, opts, script)
     except (slurm_mod.SlurmError, JobConflict) as e:
         raise click.ClickException(str(e)) from None

@@ -36,8 +36,7 @@ def job_fingerprint(spec: JobSpec, shards: list[Shard]) -> dict[str, Any]:
             "messages_column": inp.messages_column, "system_prompt": inp.system_prompt, "split": inp.split,
             "shards": [[s.name, s.format, s.size] for s in shards],
         },
-        "output": {"keep_columns": list(spec.output.keep_columns)
-                   if isinstance(spec.output.keep_columns, tuple) else spec.output.keep_columns},
+        "output": {"keep_columns": spec.output.keep_columns},  # a tuple becomes a list in the JSON round trip
         "on_error": spec.on_error,
     }
     if spec.lora is not None:  # only when set: outputs of jobs without adapters keep their fingerprint

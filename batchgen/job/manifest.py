@@ -93,10 +93,10 @@ class OutputDir:
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         manifest = {"version": MANIFEST_VERSION, **manifest}
-        store.write_atomic(self.fs, store.join(self.meta, "manifest.json"), _dumps(manifest))
+        store.write_atomic(self.fs, store.join(self.meta, "manifest.json"), json_bytes(manifest))
 
     def write_stats(self, stats: dict[str, Any]) -> None:
-        store.write_atomic(self.fs, store.join(self.meta, "stats.json"), _dumps(stats))
+        store.write_atomic(self.fs, store.join(self.meta, "stats.json"), json_bytes(stats))
 
     def read_stats(self) -> dict[str, Any] | None:
         return self._read_json(store.join(self.meta, "stats.json"))
@@ -139,7 +139,7 @@ class OutputDir:
                 write_part(f)
             failpoint("part_written")
         record = {"name": name, "part": part, "time": time.time(), **record}
-        store.write_atomic(self.fs, store.join(self.commits_dir, f"{name}.json"), _dumps(record))
+        store.write_atomic(self.fs, store.join(self.commits_dir, f"{name}.json"), json_bytes(record))
         failpoint("record_written")
         if part:
             store.move(self.fs, store.join(self.pending_dir, part), self.path(part))
@@ -195,7 +195,8 @@ class OutputDir:
             return None
 
 
-def _dumps(data: dict[str, Any]) -> bytes:
+def json_bytes(data: dict[str, Any]) -> bytes:
+    """Compact JSON for the files under the metadata directory."""
     return json.dumps(data, separators=(",", ":"), sort_keys=False).encode("utf-8")
 
 

@@ -32,12 +32,12 @@ from batchgen.job.schema import OutputSchema
 from batchgen.job.shards import resolve_shards
 from batchgen.job.signals import StopSignals
 from batchgen.job.spec import JobSpec, apply_overrides, load_spec
-from batchgen.job.tasks import JobConflict, open_output, open_task_output, resolve_data_parallel, resolve_task
+from batchgen.job.tasks import JobConflict, open_task_output, resolve_data_parallel, resolve_task
 from batchgen.job.writer import PartWriter
 
 logger = logging.getLogger("batchgen")
 
-__all__ = ["JobConflict", "JobFailed", "JobResult", "open_output", "run_job"]
+__all__ = ["JobConflict", "JobFailed", "JobResult", "run_job"]
 
 # Engine statistics of speculative decoding that stats.json and the summary report when present.
 SPEC_STATS = ("spec_acceptance_rate", "spec_mean_accepted_length", "spec_acceptance_per_position")
@@ -212,10 +212,7 @@ class _Run:
                     failed = self._reject(item.row, item.error, item.num_prompt_tokens, schema)
                     finished += 1
                     continue
-                if item.lora is None:
-                    self.engine.add_request(item.row.request_id, item.token_ids.tolist(), item.params)
-                else:
-                    self.engine.add_request(item.row.request_id, item.token_ids.tolist(), item.params, lora=item.lora)
+                self.engine.add_request(item.row.request_id, item.token_ids.tolist(), item.params, lora=item.lora)
                 self.in_flight[item.row.request_id] = item
             if not self.in_flight:
                 if failed is not None:

@@ -52,8 +52,7 @@ class OutputSchema:
     # ---- records --------------------------------------------------------------------------------
 
     def success(self, item: Planned, out: RequestOutput) -> dict[str, Any]:
-        if out.error is not None:  # the engine refused the request: still one row, with the reason
-            return self.failure(item.row, out.error, len(out.prompt_token_ids))
+        """The output row of a request that completed (the runner sends refused ones to failure())."""
         texts = [c.text for c in out.outputs]
         reasons = [c.finish_reason for c in out.outputs]
         record = self._base(item.row)

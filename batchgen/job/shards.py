@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import fsspec
 
 from batchgen.job.spec import InputSpec, JobSpecError
-from batchgen.job.store import read_lines
+from batchgen.job.store import is_local, read_lines
 
 _COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
 _PARQUET = (".parquet", ".pq")
@@ -47,7 +47,7 @@ def resolve_shards(spec: InputSpec) -> list[Shard]:
         if not paths or not (_has_glob(pattern) or fs.exists(paths[0])):
             raise JobSpecError(f"input.path: {pattern!r} matched no files")
         for path in sorted(paths):
-            url = path if _is_local(fs) else fs.unstrip_protocol(path)
+            url = path if is_local(fs) else fs.unstrip_protocol(path)
             found.append((url, _file_format(spec.format, url), fs.size(path)))
     seen: set[str] = set()
     shards = []
@@ -104,10 +104,6 @@ def _known_file(path: str) -> bool:
 
 def _has_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def _short_name(url: str, base_dir: str) -> str:

@@ -33,9 +33,9 @@ from typing import Any
 
 from batchgen.job import store
 from batchgen.job.fingerprint import fingerprint_diff
-from batchgen.job.manifest import OutputDir
+from batchgen.job.manifest import OutputDir, job_totals, json_bytes
 from batchgen.job.reader import RowShare
-from batchgen.job.spec import JobSpecError, ShardingSpec
+from batchgen.job.spec import JobSpecError, ShardingSpec, parse_data_parallel
 
 logger = logging.getLogger("batchgen")
 
@@ -173,13 +173,15 @@ def visible_gpus() -> list[str]:
 
 def resolve_data_parallel(value: int | str | None, device: str = "auto") -> tuple[int, list[str] | None]:
     """(number of engine processes, the GPU of each or None on CPU) for --data-parallel auto|N."""
+    try:
+        value = parse_data_parallel(value)
+    except ValueError as e:
+        raise JobSpecError(f"data_parallel: {e}") from None
     if value is None:
         return 1, None
     gpus = [] if device == "cpu" else visible_gpus()
     if value == "auto":
         return (len(gpus), gpus) if len(gpus) > 1 else (1, None)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise JobSpecError(f"data_parallel: {value!r} is not allowed; expected auto or an integer >= 1")
     if value == 1:
         return 1, None
     if gpus:
@@ -204,7 +206,7 @@ class OutputLayout:
 
     def write_array(self, num_tasks: int, fingerprint: dict[str, Any]) -> None:
         store.write_atomic(self.root.fs, store.join(self.root.meta, ARRAY_FILE),
-                           _dumps({"version": 1, "num_tasks": num_tasks, "fingerprint": fingerprint}))
+                           json_bytes({"version": 1, "num_tasks": num_tasks, "fingerprint": fingerprint}))
 
     def read_slurm(self) -> dict[str, Any] | None:
         return self.root._read_json(store.join(self.root.meta, SLURM_FILE))
@@ -229,8 +231,8 @@ class OutputLayout:
     def committed(self, num_tasks: int) -> dict[int, int]:
         """Rows committed per task (0 for one task), counting from the commit records."""
         if num_tasks == 1:
-            return {0: _rows(self.root.records())}
-        return {i: _rows(self.task_output(i).records()) for i in self.task_indices()}
+            return {0: job_totals(self.root.records(), None)["rows_done"]}
+        return {i: job_totals(self.task_output(i).records(), None)["rows_done"] for i in self.task_indices()}
 
     def clear(self, old_count: int, new: Task) -> None:
         """Remove what a run with another task count left that `new` would not reset on its own."""
@@ -253,10 +255,6 @@ class OutputLayout:
         """Visible entries of an array's OUT other than its task directories."""
         return [n for n in store.list_names(self.root.fs, self.root.root)
                 if not n.startswith(("_", ".")) and not _TASK_DIR.match(n)]
-
-
-def _rows(records: list[dict[str, Any]]) -> int:
-    return sum(r.get("num_rows", 0) + r.get("num_skipped", 0) for r in records)
 
 
 def check_task_count(layout: OutputLayout, task: Task, force: bool) -> int | None:
@@ -345,9 +343,3 @@ def open_output(out: OutputDir, fingerprint: dict[str, Any], force: bool,
                     out.url, rolled, removed)
     manifest.pop("version", None)
     return manifest
-
-
-def _dumps(data: dict[str, Any]) -> bytes:
-    import json
-
-    return json.dumps(data, separators=(",", ":")).encode("utf-8")

@@ -41,7 +41,7 @@ class Validation:
 
     @property
     def ok(self) -> bool:
-        """False when a run would stop: on_error: fail with a bad row."""
+        """False when a run would stop: on_error: fail with a bad row, or an adapter directory missing."""
         return not (self.spec.on_error == "fail" and self.bad_rows) and not self.missing_adapters
 
     def format(self) -> str:

@@ -1,4 +1,5 @@
-"""Collect finished rows and commit them as Parquet parts every N rows or T seconds."""
+"""Collect finished rows and commit them as Parquet parts every N written rows or T seconds (skipped
+rows ride along with the next commit: they count toward neither N nor a part of their own)."""
 
 from __future__ import annotations
 
