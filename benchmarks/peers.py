@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from benchmarks.roofline import flops_per_token
 from benchmarks.workloads import Workload
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -36,7 +37,7 @@ def run_batchgen(model_dir: str, dtype: str, wl: Workload, use_lora: bool = Fals
     s = llm.stats()
     step = s["step_seconds"] - before["step_seconds"]
     model = s["model_seconds"] - before["model_seconds"]
-    return dict(wall=wall, flops_per_token=_flops(llm.engine.model), generated_tokens=generated,
+    return dict(wall=wall, flops_per_token=flops_per_token(llm.engine.model), generated_tokens=generated,
                 spec_acceptance_rate=s.get("spec_acceptance_rate"),
                 spec_mean_accepted_length=s.get("spec_mean_accepted_length"),
                 engine_overhead=(step - model) / step if step else 0.0,
@@ -88,12 +89,6 @@ def run_hf_generate_batch(model_dir: str, dtype: str, wl: Workload) -> dict:
     with torch.inference_mode():
         model.generate_batch(inputs=wl.prompts, generation_config=config, progress_bar=False)
     return dict(wall=time.perf_counter() - t)
-
-
-def _flops(model) -> float:
-    from benchmarks.roofline import flops_per_token
-
-    return flops_per_token(model)
 
 
 def make_adapters(model_dir: str, names: list[str], out_dir) -> dict[str, str]:

@@ -67,9 +67,10 @@ def run_one(peer: str, workload: str, quick: bool, dtype: str) -> dict:
 def main(quick: bool = False, out: str = "bench-results", dtype: str = "bfloat16",
          workloads: tuple[str, ...] = ("W1", "W2", "W3", "D", "W4", "W5-b1", "W5-b64")) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from benchmarks.peers import DTYPES
     from benchmarks.roofline import gemm_peak_flops
 
-    peak = gemm_peak_flops(torch.bfloat16 if dtype == "bfloat16" else torch.float32, device)
+    peak = gemm_peak_flops(DTYPES[dtype], device)
     print(f"GEMM peak ({dtype}, 2048^3) on {device}: {peak / 1e9:.0f} GFLOP/s", flush=True)
     results = []
     for wl in workloads:
@@ -133,4 +134,5 @@ if __name__ == "__main__":
         dtype = args[args.index("--dtype") + 1] if "--dtype" in args else "bfloat16"
         print(json.dumps(run_one(args[1], args[2], "--quick" in args, dtype)))
     else:
-        main(quick="--quick" in args)
+        main(quick="--quick" in args, out=args[args.index("--out") + 1] if "--out" in args else "bench-results",
+             dtype=args[args.index("--dtype") + 1] if "--dtype" in args else "bfloat16")

@@ -250,7 +250,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
                     context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, *,
                     max_q_len: int | None = None, max_context_len: int | None = None,
                     out: torch.Tensor | None = None, partition_size: int | None = None,
-                    block_m: int = 64, block_n: int | None = None) -> torch.Tensor:
+                    block_m: int = 64, block_n: int | None = None, has_decode: bool = True) -> torch.Tensor:
     """Causal paged attention of a mixed batch; see the module docstring.
 
     q [tokens, heads, head_dim]; kv_cache [2, num_blocks, block_size, kv_heads, head_dim];
@@ -258,7 +258,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
     max_q_len / max_context_len: host-side maxima (read from the tensors when None: a device sync).
     partition_size: tokens per decode split (a multiple of block_n; None picks one for the GPU).
     block_m: query rows (queries x grouped heads) per prefill tile; block_n: keys per tile (None: 64,
-    32 for fp32, whose tiles take twice the shared memory).
+    32 for fp32, whose tiles take twice the shared memory). has_decode=False: the caller knows no row
+    has one query token, so the split-K kernels (and their scratch) are not launched.
     Returns out [tokens, heads, head_dim].
     """
     tokens, heads, head_dim = q.shape
@@ -297,6 +298,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
 
     # Rows of one token: split-K. Launched whenever some row may have one query token; programs of
     # other rows return at once.
+    if not has_decode:
+        return out
     if partition_size is None:
         partition_size = _pick_partition(rows, kv_heads, max_context_len, q.device, block_n)
     partition_size = triton.cdiv(partition_size, block_n) * block_n

@@ -33,7 +33,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                          "AttentionMetadata: set ModelRunner.attention_backend = 'triton'")
     store_kv(k, v, kv_cache, meta.slot_mapping)
     return _paged_attention(q, kv_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, scale,
-                            max_q_len=meta.max_q_len or None, max_context_len=meta.max_context_len or None)
+                            max_q_len=meta.max_q_len or None, max_context_len=meta.max_context_len or None,
+                            has_decode=meta.num_single > 0)
 
 
 def use_triton_attention(model: torch.nn.Module) -> None:

@@ -108,6 +108,9 @@ def test_speculative_section_reports_acceptance_in_stats_and_summary(tiny_dir, t
     assert 0.0 <= run["spec_acceptance_rate"] <= 1.0 and run["engine"]["spec_proposed_tokens"] > 0
     assert len(run["spec_acceptance_per_position"]) == 3 and run["spec_mean_accepted_length"] >= 1.0
     assert "speculative acceptance" in result.stderr
+    engine = run["engine"]
+    assert run["spec_acceptance_rate"] == pytest.approx(engine["spec_accepted_tokens"] / engine["spec_proposed_tokens"])
+    assert f"speculative acceptance {run['spec_acceptance_rate']:.1%}" in result.stderr
 
 
 def test_data_parallel_workers_take_disjoint_sub_shares_and_a_resume_may_use_fewer(tiny_dir, tmp_path):
