@@ -24,8 +24,8 @@ from batchgen.request import Request
 from batchgen.sampling import CompletionOutput, RequestOutput, SamplingParams
 from batchgen.sched.output import SchedulerOutput
 from batchgen.sched.scheduler import Scheduler, SchedulerConfig
-from batchgen.spec.draft import DraftProposer
-from batchgen.spec.ngram import NgramProposer
+from batchgen.speculative.draft import DraftProposer
+from batchgen.speculative.ngram import NgramProposer
 
 logger = logging.getLogger("batchgen")
 
@@ -62,8 +62,8 @@ class Engine:
         self.vocab_size = self.hf_config.vocab_size
         self.dtype = pick_dtype(config.dtype, self.device)
         self.model = self._load_model(self.model_dir, self.hf_config)
-        self.spec = config.speculative
-        self.draft_model = self._load_draft() if self.spec and self.spec.method == "draft" else None
+        self.speculative = config.speculative
+        self.draft_model = self._load_draft() if self.speculative and self.speculative.method == "draft" else None
         self.lora, lora_slots = self._load_loras()  # before sizing the KV pool: slots take device memory
 
         self.block_size = config.block_size
@@ -75,12 +75,12 @@ class Engine:
         self.kv = KVCacheManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             config.max_num_seqs, budget, self.max_model_len,
-            num_speculative_tokens=self.spec.num_speculative_tokens if self.spec else 0,
-            spec_max_batch_size=self.spec.max_batch_size if self.spec else 0), self.kv, lora_slots)
+            num_speculative_tokens=self.speculative.num_speculative_tokens if self.speculative else 0,
+            spec_max_batch_size=self.speculative.max_batch_size if self.speculative else 0), self.kv, lora_slots)
         self.runner = ModelRunner(self.model, self.kv_caches, self.block_size, self.device, config.seed)
         self.runner.lora = self.lora
         self.runner.attention_backend = self.attention_backend
-        if self.spec:
+        if self.speculative:
             self.runner.proposer = self._make_proposer(num_blocks)
         if self.device.type == "cuda" and self.attention_backend == "triton" and not config.enforce_eager:
             from batchgen.exec.cuda_graphs import DecodeGraphs
@@ -137,16 +137,16 @@ class Engine:
     def _load_draft(self) -> torch.nn.Module:
         from transformers import AutoConfig
 
-        draft_dir = resolve_model(self.spec.draft_model)
+        draft_dir = resolve_model(self.speculative.draft_model)
         draft_config = AutoConfig.from_pretrained(draft_dir)
         if draft_config.vocab_size != self.vocab_size:
-            raise ValueError(f"draft model {self.spec.draft_model!r} has vocab_size {draft_config.vocab_size}, "
+            raise ValueError(f"draft model {self.speculative.draft_model!r} has vocab_size {draft_config.vocab_size}, "
                              f"the target {self.vocab_size}: a draft must share the target's tokenizer")
         return self._load_model(draft_dir, draft_config)
 
     def _make_proposer(self, num_blocks: int):
-        if self.spec.method == "ngram":
-            return NgramProposer(self.spec.prompt_lookup_min, self.spec.prompt_lookup_max)
+        if self.speculative.method == "ngram":
+            return NgramProposer(self.speculative.prompt_lookup_min, self.speculative.prompt_lookup_max)
         draft_kv = self._allocate_kv(num_blocks + 1, self.draft_model)
         return DraftProposer(self.draft_model, draft_kv, self.runner.prepare, self.device, self.config.seed)
 
@@ -362,7 +362,7 @@ class Engine:
                  kv_blocks=self.kv.num_blocks, kv_blocks_free=self.kv.num_free_blocks)
         if self.lora is not None:
             s.update(lora_slots=sched.lora_slots.num_slots, lora_loads=sched.lora_slots.num_loads)
-        if self.spec:
+        if self.speculative:
             st = sched.spec_stats
             s.update(spec_steps=st["steps"], spec_proposed_tokens=st["proposed"],
                      spec_accepted_tokens=st["accepted"],

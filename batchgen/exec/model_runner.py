@@ -17,7 +17,7 @@ from batchgen.exec.attention import AttentionMetadata, ChunkSegment, SingleGroup
 from batchgen.exec.rejection import verify_greedy, verify_sampled
 from batchgen.exec.sampler import Sampler, filtered_probs
 from batchgen.sched.output import ModelOutput, ScheduledRequest, SchedulerOutput
-from batchgen.spec import Proposer
+from batchgen.speculative import Proposer
 from kernels.cpu_decode_attention import load as load_cpu_decode_kernel
 
 

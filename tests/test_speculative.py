@@ -10,7 +10,7 @@ import torch
 
 from batchgen import LLM, SamplingParams
 from batchgen.exec.rejection import verify_sampled
-from batchgen.spec.ngram import ngram_propose
+from batchgen.speculative.ngram import ngram_propose
 from tests.conftest import assert_greedy_match
 
 # -- n-gram lookup ---------------------------------------------------------------------------------
