@@ -126,10 +126,12 @@ def status(output: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("outputs", nargs=-1, required=True)
-@click.option("--to", "to", required=True, help="The Parquet file to write (local path or fsspec URL).")
+@click.option("--to", "to", required=True,
+              help="The file to write: Parquet, or JSON Lines for a .jsonl name (local path or fsspec URL); "
+                   "written whole or not at all.")
 @click.option("--allow-partial", is_flag=True, help="Merge what is committed even while tasks have not finished.")
 def merge(outputs: tuple[str, ...], to: str, allow_partial: bool) -> None:
-    """Merge the committed rows of OUTPUTS (one job) into one Parquet file, in input order.
+    """Merge the committed rows of OUTPUTS (one job) into one file, in input order, streaming.
 
     An array job's OUT is merged over all its tasks; while a task has not finished, merge refuses
     and names it (--allow-partial merges what is there and warns).
@@ -179,14 +181,15 @@ def slurm(job: str, tasks: int, gpus_per_task: int, cpus_per_task: int | None, m
     `batchgen status OUT` and assemble the result with `batchgen merge OUT --to FILE`.
     """
     from batchgen.job import slurm as slurm_mod
-    from batchgen.job.tasks import OutputLayout, Task, check_task_count
+    from batchgen.job.outdir import JobOutput
+    from batchgen.job.tasks import Task
 
     spec = _load(job, overrides)
     opts = slurm_mod.SlurmOptions(tasks, gpus_per_task, cpus_per_task, mem, time_limit, partition, account, grace,
                                   None if data_parallel is None else str(data_parallel), job_name, log_dir,
                                   overrides, list(extra))
     try:
-        check_task_count(OutputLayout(spec.output.path), Task(0, tasks), force=False)
+        JobOutput(spec.output.path).check_task_count(Task(0, tasks), force=False)
         path, logs = slurm_mod.write_script(job, spec, opts, script)
     except (slurm_mod.SlurmError, JobConflict) as e:
         raise click.ClickException(str(e)) from None

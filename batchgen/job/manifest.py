@@ -13,6 +13,11 @@ orphan and is deleted (its rows run again), a record whose part is still pending
 forward. Readers of OUT (pyarrow.dataset, datasets) skip `_`-prefixed paths, so they never see an
 uncommitted part. One record file per commit (rather than one growing manifest) keeps each
 commit a single small put on object stores, where files cannot be appended to.
+
+An OutputDir is handed out by the directory's owner, outdir.JobOutput. It reads the commit records
+once (`records()` keeps them, and adds its own commits to them); `records(refresh=True)` reads
+them again where other processes have committed meanwhile (data-parallel workers). While a run
+holds the directory's lease (lease.py), a commit first checks that the lease was not taken over.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from batchgen.job import store
@@ -82,6 +87,8 @@ class OutputDir:
         self.commits_dir = store.join(self.meta, "commits")
         self.pending_dir = store.join(self.meta, "pending")
         self._last_seq: int | None = None  # commits are numbered so that names sort in commit order
+        self._records: list[dict[str, Any]] | None = None  # read once, then kept up to date by commit()
+        self.lease = None  # the lease.Lease a run holds on this directory, checked before each commit
 
     def path(self, name: str) -> str:
         return store.join(self.root, name)
@@ -109,10 +116,19 @@ class OutputDir:
 
     # ---- commits --------------------------------------------------------------------------------
 
-    def records(self) -> list[dict[str, Any]]:
-        """Every committed record, in commit order."""
-        names = [n for n in store.list_names(self.fs, self.commits_dir) if n.endswith(".json")]
-        return [self._read_json(store.join(self.commits_dir, n)) for n in names]
+    def records(self, refresh: bool = False) -> list[dict[str, Any]]:
+        """Every committed record, in commit order: read from the store the first time (or on refresh)."""
+        if self._records is None or refresh:
+            self._records = list(self.iter_records())
+        return self._records
+
+    def iter_records(self) -> Iterator[dict[str, Any]]:
+        """The committed records read one at a time (merge: its memory does not grow with the job)."""
+        for name in store.list_names(self.fs, self.commits_dir):
+            if name.endswith(".json"):
+                record = self._read_json(store.join(self.commits_dir, name))
+                if record is not None:
+                    yield record
 
     def committed_rows(self, records: list[dict[str, Any]] | None = None) -> RowSet:
         done = RowSet()
@@ -129,6 +145,8 @@ class OutputDir:
         `write_part` is None for a commit of skipped rows only: their keys are recorded so that a
         resume does not read them again, but there is no part.
         """
+        if self.lease is not None:
+            self.lease.check()
         if self._last_seq is None:
             self._last_seq = len(store.list_names(self.fs, self.commits_dir))
         self._last_seq += 1
@@ -140,6 +158,8 @@ class OutputDir:
             failpoint("part_written")
         record = {"name": name, "part": part, "time": time.time(), **record}
         store.write_atomic(self.fs, store.join(self.commits_dir, f"{name}.json"), json_bytes(record))
+        if self._records is not None:
+            self._records.append(record)
         failpoint("record_written")
         if part:
             store.move(self.fs, store.join(self.pending_dir, part), self.path(part))
@@ -186,6 +206,7 @@ class OutputDir:
         for name in ("manifest.json", "stats.json"):
             store.remove(self.fs, store.join(self.meta, name))
         self._last_seq = None
+        self._records = None
 
     def _read_json(self, path: str) -> dict[str, Any] | None:
         try:

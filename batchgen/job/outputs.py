@@ -4,22 +4,21 @@ The records, not a directory listing, say what is committed, so neither command 
 orphan part. An array job's OUT (tasks.py) is read task by task: status shows each task's progress
 and merge reads every task's directory, refusing while a task has not finished. merge also takes
 several output directories of one job, and restores input order from each row's
-(_shard_index, _row_index).
+(_shard_index, _row_index), streaming (merge.py): its memory does not grow with the output.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from batchgen.job import store
 from batchgen.job.manifest import OutputDir, job_totals
-from batchgen.job.tasks import OutputLayout
+from batchgen.job.merge import INTERNAL_COLUMNS, MergedRows, MergeError, write_merged
+from batchgen.job.outdir import JobOutput
 
-INTERNAL_COLUMNS = ("_shard_index", "_row_index")
+__all__ = ["INTERNAL_COLUMNS", "OutputError", "merge_outputs", "merged_rows", "output_status", "read_output"]
 
 
 class OutputError(RuntimeError):
@@ -28,7 +27,7 @@ class OutputError(RuntimeError):
 
 def output_status(url: str) -> dict[str, Any]:
     """Rows done/total, errors, tokens of OUT; for an array's OUT, per task too ("tasks", "unfinished")."""
-    layout = OutputLayout(url)
+    layout = JobOutput(url)
     array = layout.read_array()
     if array is not None:
         return _array_status(layout, array)
@@ -48,11 +47,11 @@ def _dir_status(out: OutputDir, manifest: dict[str, Any]) -> dict[str, Any]:
             "uncommitted_parts": len(pending), "last_run": out.read_stats()}
 
 
-def _array_status(layout: OutputLayout, array: dict[str, Any]) -> dict[str, Any]:
+def _array_status(layout: JobOutput, array: dict[str, Any]) -> dict[str, Any]:
     count = int(array["num_tasks"])
     tasks, records_all, total = [], [], 0
     for i in range(count):
-        out = layout.task_output(i)
+        out = layout.task_dir(i)
         manifest = out.read_manifest()
         if manifest is None:
             tasks.append({"task": i, "output": out.url, "started": False, "complete": False, "rows_done": 0,
@@ -121,12 +120,13 @@ def _task_line(task: dict[str, Any]) -> str:
     return text
 
 
-def read_output(urls: list[str]) -> tuple[pa.Table, dict[str, Any]]:
-    """Every committed row of one job's output directories, in input order, and the job totals."""
+def merged_rows(urls: list[str], internal: bool = False) -> tuple[MergedRows, int | None]:
+    """The committed rows of one job's output directories (MergedRows: batches() in input order),
+    and the rows the job declares in total (None when unknown)."""
     fingerprint = None
-    tables, records_all, total = [], [], 0
+    dirs, total = [], 0
     for url in urls:
-        out = OutputDir(url)
+        out = JobOutput(url).root
         manifest = out.read_manifest()
         if manifest is None:
             raise OutputError(f"{url} is not a batchgen output (no manifest)")
@@ -134,23 +134,22 @@ def read_output(urls: list[str]) -> tuple[pa.Table, dict[str, Any]]:
             raise OutputError(f"{url} holds a different job's output than {urls[0]}; merge one job at a time")
         fingerprint = manifest["fingerprint"]
         total = None if total is None or manifest.get("total_rows") is None else total + manifest["total_rows"]
-        records = out.records()
-        records_all += records
-        for record in records:
-            if record.get("part"):
-                with out.fs.open(out.path(record["part"]), "rb") as f:
-                    tables.append(pq.read_table(f))
-    if not tables:
+        dirs.append(out)
+    rows = MergedRows(dirs, internal=internal)
+    if not rows.parts:
         raise OutputError(f"{', '.join(urls)}: no committed rows to merge")
-    table = pa.concat_tables(tables, promote_options="permissive")
-    table = table.sort_by([(c, "ascending") for c in INTERNAL_COLUMNS])
-    shard = table["_shard_index"].to_numpy()
-    row = table["_row_index"].to_numpy()
-    dup = np.flatnonzero((shard[1:] == shard[:-1]) & (row[1:] == row[:-1]))
-    if dup.size:
-        raise OutputError(f"input row (shard {shard[dup[0]]}, row {row[dup[0]]}) is in more than one output; "
-                          "were two tasks given overlapping shares?")
-    return table, job_totals(records_all, total)
+    return rows, total
+
+
+def read_output(urls: list[str]) -> tuple[pa.Table, dict[str, Any]]:
+    """Every committed row of one job's output directories, in input order (as one table: for
+    small outputs and tests; merge streams), and the job totals."""
+    rows, total = merged_rows(urls, internal=True)
+    try:
+        table = pa.Table.from_batches(list(rows.batches()), schema=rows.schema)
+    except MergeError as e:
+        raise OutputError(str(e)) from None
+    return table, rows.totals(total)
 
 
 def expand_outputs(urls: list[str]) -> tuple[list[str], list[str], bool]:
@@ -181,7 +180,8 @@ def expand_outputs(urls: list[str]) -> tuple[list[str], list[str], bool]:
 
 
 def merge_outputs(urls: list[str], to: str, allow_partial: bool = False) -> dict[str, Any]:
-    """Write one Parquet file of every committed row in input order; returns the job totals.
+    """Write one Parquet file (JSON Lines for a .jsonl name) of every committed row in input order,
+    streaming and atomically (a temporary file renamed); returns the job totals.
 
     While rows are missing (a task has not finished) it refuses, naming what is unfinished, unless
     allow_partial; the totals then list it under "unfinished".
@@ -193,11 +193,12 @@ def merge_outputs(urls: list[str], to: str, allow_partial: bool = False) -> dict
                           "to merge what is committed")
     if not dirs:
         raise OutputError(f"{', '.join(urls)}: no task has started; nothing to merge")
-    table, totals = read_output(dirs)
-    table = table.drop_columns(list(INTERNAL_COLUMNS))
-    fs, path = store.open_store(to)
-    with store.atomic_open(fs, path) as f:
-        pq.write_table(table, f)
+    rows, total = merged_rows(dirs)
+    try:
+        write_merged(rows, to)
+    except MergeError as e:
+        raise OutputError(str(e)) from None
+    totals = rows.totals(total)
     if unfinished:
         totals["complete"] = False
     if not all_started:

@@ -1,17 +1,27 @@
 """Data parallel: one engine process per GPU, over disjoint parts of one task's rows.
 
 `batchgen run job.yaml --data-parallel auto` on a node with several GPUs (one array task per node)
-runs here. The parent process has opened the task's output directory as any run does (checked
-what it holds, repaired an interrupted commit, counted the rows) and fixes the output schema; then
-it starts worker j of d (`python -m batchgen.job.parallel`, CUDA_VISIBLE_DEVICES set to its GPU),
-which takes the rows of the task's share with ((shard + row) // num_tasks) % d == j, that is
-RowShare(task + num_tasks * j, num_tasks * d): a sub-share of the task's share.
+runs here. The parent process (runner.py) has opened the task's output directory as any run does
+(holds its lease, checked what it holds, repaired an interrupted commit, read the committed rows)
+and fixed the output schema; then it starts worker j of d (`python -m batchgen.job.worker`,
+CUDA_VISIBLE_DEVICES set to its GPU), which takes the rows of the task's share with
+((shard + row) // num_tasks) % d == j, that is RowShare(task + num_tasks * j, num_tasks * d): a
+sub-share of the task's share.
 
 Workers commit into the task's output directory (commit names are unique per process; a worker
-never runs the crash repair, the parent did), never write its manifest or stats, and send progress
-and their run statistics to the parent as JSON lines on stdout. The number of workers may change
-between runs (a requeue onto a node with other GPUs): every worker skips the rows committed by any
-earlier run, so each row is still written exactly once.
+never runs the crash repair, the parent does once they are gone), never write its manifest or
+stats, and send progress and their run statistics to the parent as JSON lines on stdout. The rows
+committed before they start are handed to them with their payload, so no worker reads the commit
+records. The number of workers may change between runs (a requeue onto a node with other GPUs):
+every worker skips the rows committed by any earlier run, so each row is still written exactly once.
+
+A worker that dies (kill -9, the OOM killer, a crash: it exits without its final report) is
+started again on the same share, up to sharding.max_worker_restarts times: the parent reads the
+commit records again, so the new worker skips what its predecessor committed and redoes only the
+rest. A commit the dead worker left half done is harmless meanwhile (a record whose part is still
+pending counts as committed; a part without a record is invisible) and is repaired when all workers
+have ended. Past the limit the other workers are asked to stop, and the task fails naming the
+worker and how it died; what was committed stays.
 
 Signals: the parent forwards the first SIGTERM/SIGINT to its workers (which ignore repeats: the
 proctrack of a batch system often signals them directly too); they stop admitting rows and commit.
@@ -20,97 +30,145 @@ A second signal to the parent kills the workers and exits at once.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 import pickle
 import queue
+import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
 
-from batchgen.job.manifest import COUNTERS, OutputDir
+from batchgen.job.manifest import COUNTERS, OutputDir, RowSet
 from batchgen.job.progress import postfix
-from batchgen.job.reader import Reader, RowShare
 from batchgen.job.signals import StopSignals
 from batchgen.job.spec import JobSpec, JobSpecError
 
 logger = logging.getLogger("batchgen")
 
-_REPORT_S = 0.5
+REPORT_S = 0.5
 
 
 class WorkerFailed(RuntimeError):
-    """A data-parallel worker process died (a crash, the OOM killer): what was committed stays."""
+    """A data-parallel worker process died more often than it may be restarted: what was committed stays."""
 
 
-def run_parallel(spec: JobSpec, out: OutputDir, manifest: dict[str, Any], reader: Reader, done_before: int, task,
-                 workers: int, gpus: list[str] | None, signals: StopSignals, quiet: bool,
-                 start: float) -> dict[str, Any]:
-    """Run `workers` engine processes over the task's rows; write and return the aggregated stats."""
-    from batchgen.job.runner import JobFailed, ensure_schema, write_stats
+@dataclass
+class WorkersResult:
+    run: dict[str, Any]  # stats.json's "run" entry, summed over the workers
+    exhausted: bool  # every worker read and finished its whole share
+    failed: str | None = None  # on_error: fail met a bad row in a worker (its message)
+    gave_up: str | None = None  # a worker died past the restart limit (what happened)
+    restarts: dict[int, int] = field(default_factory=dict)
 
-    for url in (out.url, *(s.url for s in reader.shards)):
+    def raise_for_crash(self) -> None:
+        if self.gave_up:
+            raise WorkerFailed(self.gave_up)
+
+
+def empty_run(workers: int, wall_time: float) -> dict[str, Any]:
+    return _aggregate([], workers, wall_time)
+
+
+def _death(code: int | None) -> str:
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name
+        why = " (the OOM killer, or kill -9)" if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{why}"
+    return f"exited with code {code} without finishing (its log is above)"
+
+
+def run_workers(spec: JobSpec, out: OutputDir, manifest: dict[str, Any], shards: list, done: RowSet, task,
+                workers: int, gpus: list[str] | None, signals: StopSignals, quiet: bool,
+                start: float) -> WorkersResult:
+    """Run `workers` engine processes over the task's rows, restarting any that dies; their summed stats."""
+    for url in (out.url, *(s.url for s in shards)):
         if url.startswith("memory://"):
             raise JobSpecError(f"data_parallel: {url} is in this process's memory, which worker processes "
                                "cannot reach; use a local or remote path")
-    if not manifest.get("schema"):
-        # Fixed once here, as a single run fixes it from its first window: all workers write one schema.
-        needs_rows = spec.output.keep_columns != "none" and reader.arrow_schema() is None
-        first = list(itertools.islice(iter(reader), spec.input.group_window)) if needs_rows else []
-        if first or not needs_rows:
-            ensure_schema(spec, out, manifest, reader, first)
+    max_restarts = spec.sharding.max_worker_restarts
     logger.info("data parallel: %d engine processes (%s) over %s", workers,
                 f"GPUs {', '.join(gpus)}" if gpus else "CPU", out.url)
 
-    procs: list[subprocess.Popen] = []
     messages: queue.Queue = queue.Queue()
     cpu_threads = max(1, (os.cpu_count() or 1) // workers)
-    for j in range(workers):
+    procs: dict[int, subprocess.Popen] = {}
+    generation: dict[int, int] = {}  # worker -> how many times it was started; messages carry it
+
+    def launch(j: int, committed: RowSet) -> None:
         env = dict(os.environ)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[j]
         else:
             env.setdefault("OMP_NUM_THREADS", str(cpu_threads))  # share the cores instead of fighting over them
-        payload = {"spec": spec, "output": out.url, "manifest": manifest, "shards": reader.shards,
+        payload = {"spec": spec, "output": out.url, "manifest": manifest, "shards": shards, "done": committed,
                    "share": (task.index + task.count * j, task.count * workers), "worker": j, "workers": workers,
                    "quiet": quiet, "parent": os.getpid()}
-        proc = subprocess.Popen([sys.executable, "-m", "batchgen.job.parallel"], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "batchgen.job.worker"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, env=env)
         proc.stdin.write(pickle.dumps(payload))
         proc.stdin.close()
-        procs.append(proc)
-        threading.Thread(target=_read_messages, args=(j, proc.stdout, messages), daemon=True).start()
+        procs[j] = proc
+        generation[j] = generation.get(j, -1) + 1
+        threading.Thread(target=_read_messages, args=((j, generation[j]), proc.stdout, messages),
+                         daemon=True).start()
+
+    for j in range(workers):
+        launch(j, done)
 
     def kill_all() -> None:
-        for p in procs:
+        for p in procs.values():
             if p.poll() is None:
                 p.kill()
 
     signals.on_exit = kill_all
-    bar = tqdm(total=manifest.get("total_rows"), initial=done_before, unit="row", disable=quiet,
+    bar = tqdm(total=manifest.get("total_rows"), initial=len(done), unit="row", disable=quiet,
                file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
     finals: dict[int, dict[str, Any]] = {}
     latest: dict[int, dict[str, Any]] = {}
-    open_streams, forwarded, stopping = workers, False, False
+    running = set(range(workers))
+    forwarded, stopping, gave_up = False, False, None
+    restarts: dict[int, int] = {}
     loop_start = None  # from the first progress report: model loading is not generation
     try:
-        while open_streams:
+        while running:
             try:
-                j, msg = messages.get(timeout=0.2)
+                (j, gen), msg = messages.get(timeout=0.2)
             except queue.Empty:
-                msg = j = None
+                (j, gen), msg = (None, None), None
+            if j is not None and gen != generation[j]:
+                msg = None  # a late line from a worker that was replaced
             if msg == "eof":
-                open_streams -= 1
+                code = procs[j].wait()
+                running.discard(j)
+                if j not in finals:  # died without its final report: killed, OOM, a crash
+                    what = f"data-parallel worker {j} ({f'GPU {gpus[j]}' if gpus else 'CPU'}) {_death(code)}"
+                    if stopping or signals.received is not None:
+                        logger.warning("%s while stopping; its uncommitted rows run again on resume", what)
+                    elif restarts.get(j, 0) < max_restarts:
+                        restarts[j] = restarts.get(j, 0) + 1
+                        logger.warning("%s; restarting it (%d of at most %d), its uncommitted rows run again",
+                                       what, restarts[j], max_restarts)
+                        latest.pop(j, None)
+                        launch(j, out.committed_rows(out.records(refresh=True)))
+                        running.add(j)
+                    else:
+                        gave_up = (f"{what}, {restarts.get(j, 0)} restart(s) allowed "
+                                   f"(sharding.max_worker_restarts) and used; rows committed so far are kept: "
+                                   "rerun to resume")
+                        logger.error("%s", gave_up)
+                        stopping = True
+                        _signal_all(procs.values(), signal.SIGTERM)
             elif isinstance(msg, dict) and "rows" in msg:
                 bar.update(msg["rows"])
                 latest[j] = msg["engine"]
-                loop_start = loop_start or time.perf_counter() - _REPORT_S
+                loop_start = loop_start or time.perf_counter() - REPORT_S
                 tokens = sum(e.get("generated_tokens", 0) for e in latest.values())
                 bar.set_postfix_str(postfix(tokens / max(time.perf_counter() - loop_start, 1e-9), _mean(latest)),
                                     refresh=False)
@@ -118,11 +176,11 @@ def run_parallel(spec: JobSpec, out: OutputDir, manifest: dict[str, Any], reader
                 finals[j] = msg
                 if msg.get("failed") and not stopping:  # on_error: fail in one worker stops the task
                     stopping = True
-                    _signal_all(procs, 15)
+                    _signal_all(procs.values(), signal.SIGTERM)
             if signals.received is not None and not forwarded:
                 forwarded = True
-                _signal_all(procs, signals.received)
-        for p in procs:
+                _signal_all(procs.values(), signals.received)
+        for p in procs.values():
             p.wait()
     except BaseException:
         kill_all()
@@ -130,22 +188,16 @@ def run_parallel(spec: JobSpec, out: OutputDir, manifest: dict[str, Any], reader
     finally:
         bar.close()
         signals.on_exit = None
-        run = _aggregate([finals[j]["run"] for j in sorted(finals)], workers, time.perf_counter() - start)
-        exhausted = len(finals) == workers and all(f["exhausted"] for f in finals.values())
-        stats = write_stats(out, manifest, run, exhausted, signals.received)
-    failed = [f["failed"] for f in finals.values() if f.get("failed")]
-    if failed:
-        raise JobFailed(failed[0])
-    crashed = [(j, p.returncode) for j, p in enumerate(procs) if j not in finals or p.returncode not in (0, 1)]
-    if crashed:
-        j, code = crashed[0]
-        where = f"GPU {gpus[j]}" if gpus else "CPU"
-        raise WorkerFailed(f"data-parallel worker {j} ({where}) exited with code {code} (its log is above); "
-                           "rows committed so far are kept: rerun to resume")
-    return stats
+    # A worker that died sent no statistics: this run's counters miss what it committed (the job's
+    # totals, counted from the commit records, do not).
+    run = _aggregate([finals[j]["run"] for j in sorted(finals)], workers, time.perf_counter() - start)
+    run["worker_restarts"] = sum(restarts.values())
+    exhausted = len(finals) == workers and all(f["exhausted"] for f in finals.values()) and gave_up is None
+    failed = next((f["failed"] for f in finals.values() if f.get("failed")), None)
+    return WorkersResult(run, exhausted, failed, gave_up, restarts)
 
 
-def _read_messages(j: int, stream, messages: queue.Queue) -> None:
+def _read_messages(j: tuple[int, int], stream, messages: queue.Queue) -> None:
     for line in stream:
         try:
             messages.put((j, json.loads(line)))
@@ -154,7 +206,7 @@ def _read_messages(j: int, stream, messages: queue.Queue) -> None:
     messages.put((j, "eof"))
 
 
-def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
+def _signal_all(procs, sig: int) -> None:
     for p in procs:
         if p.poll() is None:
             try:
@@ -197,90 +249,3 @@ def _aggregate(runs: list[dict[str, Any]], workers: int, wall_time: float) -> di
                        for i in range(width)])
     run.update(data_parallel=workers, engine={"workers": engines})
     return run
-
-
-# ---- the worker process ---------------------------------------------------------------------------
-
-class _Reporter:
-    """The worker's progress: rows finished and a few engine numbers, as JSON lines to the parent."""
-
-    def __init__(self, channel, engine_stats):
-        self.channel = channel
-        self.engine_stats = engine_stats
-        self.pending = 0
-        self.last = 0.0
-
-    def advance(self, rows: int) -> None:
-        self.pending += rows
-        now = time.monotonic()
-        if self.pending and now - self.last >= _REPORT_S:
-            self.flush()
-            self.last = now
-
-    def flush(self) -> None:
-        s = self.engine_stats()
-        _send(self.channel, {"rows": self.pending, "engine": {
-            k: s[k] for k in ("generated_tokens", "prefix_cache_hit_rate", "spec_acceptance_rate") if k in s}})
-        self.pending = 0
-
-    def close(self) -> None:
-        if self.pending:
-            self.flush()
-
-
-def _send(channel, message: dict[str, Any]) -> None:
-    channel.write(json.dumps(message) + "\n")
-    channel.flush()
-
-
-def _worker() -> int:
-    from batchgen.job.runner import JobFailed, _Run
-
-    payload = pickle.load(sys.stdin.buffer)
-    _die_with_parent(payload["parent"])
-    # stdout is the channel to the parent: anything else printed goes to stderr.
-    channel = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    j = payload["worker"]
-    logging.basicConfig(level=logging.WARNING if payload["quiet"] else logging.INFO, stream=sys.stderr,
-                        format=f"%(name)s[worker {j}]: %(message)s")
-    spec: JobSpec = payload["spec"]
-    out = OutputDir(payload["output"])
-    start = time.perf_counter()
-    failed = None
-    run = None
-    with StopSignals(repeat_exits=False) as signals:
-        done = out.committed_rows()
-        reader = Reader(payload["shards"], spec.input, columns=spec.read_columns, share=RowShare(*payload["share"]),
-                        skip=done.contains)
-        from batchgen.engine import Engine
-
-        engine = Engine(spec.engine_config())
-        run = _Run(spec, engine, out, payload["manifest"], reader, done, signals, _Reporter(channel, engine.stats),
-                   record_extra={"worker": j, "workers": payload["workers"]})
-        try:
-            run.execute()
-        except JobFailed as e:
-            failed = str(e)
-        finally:
-            _send(channel, {"final": True, "run": run.run_stats(time.perf_counter() - start),
-                            "exhausted": run.exhausted, "failed": failed})
-    return 1 if failed else 0
-
-
-def _die_with_parent(parent: int) -> None:
-    """A worker must not outlive its parent: a rerun would start new workers beside it on the same rows."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL (Linux)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-if __name__ == "__main__":
-    sys.exit(_worker())

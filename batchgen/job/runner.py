@@ -5,6 +5,9 @@
     run_job("job.yaml", task_index=2, num_tasks=8)      # one task of an array job (tasks.py)
     run_job("job.yaml", data_parallel="auto")           # one engine process per GPU (parallel.py)
 
+OUT is reached only through outdir.JobOutput: the run holds its directory's lease from before the
+model loads until it ends, and reads the commit records once, at the start.
+
 The engine sees only add_request/step. The loop keeps about 2 * max_num_seqs rows in flight, so
 the scheduler always has a queue to fill its batch from while the rest of the input waits on disk.
 """
@@ -25,6 +28,7 @@ from typing import Any
 from batchgen.job.failpoints import failpoint
 from batchgen.job.fingerprint import job_fingerprint
 from batchgen.job.manifest import COUNTERS, OutputDir, RowSet, job_totals
+from batchgen.job.outdir import JobConflict, JobOutput
 from batchgen.job.planner import Planned, Planner
 from batchgen.job.progress import Progress
 from batchgen.job.reader import Reader, Row
@@ -32,7 +36,7 @@ from batchgen.job.schema import OutputSchema
 from batchgen.job.shards import resolve_shards
 from batchgen.job.signals import StopSignals
 from batchgen.job.spec import JobSpec, apply_overrides, load_spec
-from batchgen.job.tasks import JobConflict, open_task_output, resolve_data_parallel, resolve_task
+from batchgen.job.tasks import resolve_data_parallel, resolve_task
 from batchgen.job.writer import PartWriter
 
 logger = logging.getLogger("batchgen")
@@ -92,35 +96,64 @@ def run_job(job: JobSpec | str | os.PathLike | dict, *, overrides: list[str] | t
     start = time.perf_counter()
     with StopSignals() as signals:
         shards = resolve_shards(spec.input)
-        out, manifest = open_task_output(spec.output.path, job_fingerprint(spec, shards), task, force)
-        if task.is_array:
-            logger.info("%s: rows with (shard + row) %% %d == %d, output in %s",
-                        task.describe(), task.count, task.index, out.url)
-        done = out.committed_rows()
-        if len(done):
-            logger.info("resuming %s: %d rows already committed", out.url, len(done))
-        reader = Reader(shards, spec.input, columns=spec.read_columns, share=task.share, skip=done.contains)
-        if "total_rows" not in manifest:
-            manifest["total_rows"] = reader.count()
-            out.write_manifest(manifest)
-        if workers > 1:
-            from batchgen.job.parallel import run_parallel
+        # The lease comes first: a second run on this output is refused before any model loads.
+        with JobOutput(spec.output.path).open_task(task, job_fingerprint(spec, shards), force) as opened:
+            out, manifest, done = opened.dir, opened.manifest, opened.done
+            if task.is_array:
+                logger.info("%s: rows with (shard + row) %% %d == %d, output in %s",
+                            task.describe(), task.count, task.index, out.url)
+            if len(done):
+                logger.info("resuming %s: %d rows already committed", out.url, len(done))
+            reader = Reader(shards, spec.input, columns=spec.read_columns, share=task.share, skip=done.contains)
+            if "total_rows" not in manifest:
+                manifest["total_rows"] = reader.count()
+                out.write_manifest(manifest)
+            if workers > 1:
+                return _run_data_parallel(spec, out, manifest, reader, done, task, workers, gpus, signals, quiet,
+                                          start)
+            if engine is None:
+                from batchgen.engine import (
+                    Engine,  # torch is heavy: validate/status/merge never pay for it
+                )
 
-            stats = run_parallel(spec, out, manifest, reader, len(done), task, workers, gpus, signals, quiet, start)
-            return JobResult(out.url, stats, signals.received)
-        if engine is None:
-            from batchgen.engine import (
-                Engine,  # torch is heavy: validate/status/merge never pay for it
-            )
+                engine = Engine(spec.engine_config())
+            progress = Progress(manifest.get("total_rows"), len(done), quiet, engine.stats)
+            run = _Run(spec, engine, out, manifest, reader, done, signals, progress)
+            try:
+                run.execute()
+            finally:
+                stats = write_stats(out, manifest, run.run_stats(time.perf_counter() - start), run.exhausted,
+                                    signals.received)
+    return JobResult(out.url, stats, signals.received)
 
-            engine = Engine(spec.engine_config())
-        progress = Progress(manifest.get("total_rows"), len(done), quiet, engine.stats)
-        run = _Run(spec, engine, out, manifest, reader, done, signals, progress)
-        try:
-            run.execute()
-        finally:
-            stats = write_stats(out, manifest, run.run_stats(time.perf_counter() - start), run.exhausted,
-                                signals.received)
+
+def _run_data_parallel(spec: JobSpec, out: OutputDir, manifest: dict[str, Any], reader: Reader, done: RowSet,
+                       task, workers: int, gpus: list[str] | None, signals: StopSignals, quiet: bool,
+                       start: float) -> JobResult:
+    """This task's rows over `workers` engine processes (parallel.py); the parent fixes the schema and
+    writes the stats, the workers generate and commit."""
+    from batchgen.job.parallel import empty_run, run_workers
+
+    if not manifest.get("schema"):
+        # Fixed once here, as a single run fixes it from its first window: all workers write one schema.
+        needs_rows = spec.output.keep_columns != "none" and reader.arrow_schema() is None
+        first = list(itertools.islice(iter(reader), spec.input.group_window)) if needs_rows else []
+        if first or not needs_rows:
+            ensure_schema(spec, out, manifest, reader, first)
+    result = None
+    try:
+        result = run_workers(spec, out, manifest, reader.shards, done, task, workers, gpus, signals, quiet, start)
+    finally:
+        # Workers committed on their own: read their records again, and finish any commit a killed
+        # worker left half done (the workers are gone, so no pending part is still being written).
+        out.recover()
+        out.records(refresh=True)
+        run = result.run if result is not None else empty_run(workers, time.perf_counter() - start)
+        exhausted = result is not None and result.exhausted
+        stats = write_stats(out, manifest, run, exhausted, signals.received)
+    if result.failed:
+        raise JobFailed(result.failed)
+    result.raise_for_crash()
     return JobResult(out.url, stats, signals.received)
 
 

@@ -13,7 +13,6 @@ finished and exits 143. A requeued task (preemption, `scontrol requeue`) or a re
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -24,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchgen.job import store
+from batchgen.job.outdir import JobOutput
 from batchgen.job.spec import JobSpec
-from batchgen.job.tasks import SLURM_FILE, OutputLayout
 
 
 class SlurmError(RuntimeError):
@@ -123,9 +122,8 @@ def write_script(job_file: str, spec: JobSpec, opts: SlurmOptions, script: str |
     with open(script, "w", encoding="utf-8") as f:
         f.write(text)
     os.chmod(script, 0o755)
-    layout = OutputLayout(spec.output.path)
-    store.write_atomic(layout.root.fs, store.join(layout.root.meta, SLURM_FILE), json.dumps(
-        {"script": script, "log_dir": log_dir, "tasks": opts.tasks, "job": os.path.abspath(job_file)}).encode())
+    JobOutput(spec.output.path).write_slurm(
+        {"script": script, "log_dir": log_dir, "tasks": opts.tasks, "job": os.path.abspath(job_file)})
     return script, log_dir
 
 

@@ -76,6 +76,7 @@ class ShardingSpec:
     num_tasks: int | None = None
     task_index: int | None = None
     data_parallel: int | str | None = None  # "auto" (one engine per visible GPU) or a number of processes
+    max_worker_restarts: int = 3  # times one data-parallel worker that died (kill -9, OOM) is restarted
 
 
 @dataclass(frozen=True)
@@ -322,7 +323,7 @@ def _lora(raw: Any, base_dir: str) -> LoraSpec | None:
                     max_lora_rank=section.integer("max_lora_rank", 64, minimum=1))
 
 
-_SHARDING_FIELDS = ["num_tasks", "task_index", "data_parallel"]
+_SHARDING_FIELDS = ["num_tasks", "task_index", "data_parallel", "max_worker_restarts"]
 
 
 def _sharding(section: _Section) -> ShardingSpec:
@@ -337,7 +338,8 @@ def _sharding(section: _Section) -> ShardingSpec:
         data_parallel = parse_data_parallel(data_parallel)
     except ValueError as e:
         raise JobSpecError(f"sharding.data_parallel: {e}") from None
-    return ShardingSpec(num_tasks, task_index, data_parallel)
+    return ShardingSpec(num_tasks, task_index, data_parallel,
+                        section.integer("max_worker_restarts", 3, minimum=0))
 
 
 def parse_data_parallel(value: Any) -> int | str | None:

@@ -19,33 +19,18 @@ Output layout. One task: OUT is the output directory itself. N > 1 tasks:
 
 so tasks never write the same file, each resumes from its own manifest, and pyarrow.dataset(OUT)
 reads every task's parts. The task count is part of what OUT holds: once a row is committed, a run
-with another count is refused (rows would land in other tasks' shares), unless --force.
+with another count is refused (rows would land in other tasks' shares), unless --force. That
+layout is owned by outdir.JobOutput; this module only says which task a process is.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from batchgen.job import store
-from batchgen.job.fingerprint import fingerprint_diff
-from batchgen.job.manifest import OutputDir, job_totals, json_bytes
 from batchgen.job.reader import RowShare
 from batchgen.job.spec import JobSpecError, ShardingSpec, parse_data_parallel
-
-logger = logging.getLogger("batchgen")
-
-ARRAY_FILE = "array.json"
-SLURM_FILE = "slurm.json"  # written by `batchgen slurm`: the script, so status can say how to rerun tasks
-_TASK_DIR = re.compile(r"^task-(\d{5,})$")
-
-
-class JobConflict(RuntimeError):
-    """The output directory belongs to a different job, task count (or to no job at all)."""
 
 
 @dataclass(frozen=True)
@@ -73,10 +58,6 @@ SINGLE = Task()
 
 def task_dir_name(index: int) -> str:
     return f"task-{index:05d}"
-
-
-def task_url(url: str, index: int) -> str:
-    return f"{url.rstrip('/')}/{task_dir_name(index)}"
 
 
 # ---- which task am I ----------------------------------------------------------------------------
@@ -190,156 +171,3 @@ def resolve_data_parallel(value: int | str | None, device: str = "auto") -> tupl
                                f"({', '.join(gpus)}); use auto or at most {len(gpus)}")
         return value, gpus[:value]
     return value, None  # CPU processes (each with its share of the cores)
-
-
-# ---- the output layout ---------------------------------------------------------------------------
-
-class OutputLayout:
-    """What OUT holds: nothing yet, one task's output (a plain output directory), or an array's."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self.root = OutputDir(url)
-
-    def read_array(self) -> dict[str, Any] | None:
-        return self.root._read_json(store.join(self.root.meta, ARRAY_FILE))
-
-    def write_array(self, num_tasks: int, fingerprint: dict[str, Any]) -> None:
-        store.write_atomic(self.root.fs, store.join(self.root.meta, ARRAY_FILE),
-                           json_bytes({"version": 1, "num_tasks": num_tasks, "fingerprint": fingerprint}))
-
-    def read_slurm(self) -> dict[str, Any] | None:
-        return self.root._read_json(store.join(self.root.meta, SLURM_FILE))
-
-    def task_indices(self) -> list[int]:
-        """Indices of the task directories present."""
-        names = store.list_names(self.root.fs, self.root.root)
-        return sorted(int(m.group(1)) for m in map(_TASK_DIR.match, names) if m)
-
-    def task_output(self, index: int) -> OutputDir:
-        return OutputDir(task_url(self.url, index))
-
-    def num_tasks(self) -> int | None:
-        """The task count OUT was started with; None when it holds nothing of batchgen's."""
-        array = self.read_array()
-        if array is not None:
-            return int(array["num_tasks"])
-        if self.root.read_manifest() is not None:
-            return 1
-        return None
-
-    def committed(self, num_tasks: int) -> dict[int, int]:
-        """Rows committed per task (0 for one task), counting from the commit records."""
-        if num_tasks == 1:
-            return {0: job_totals(self.root.records(), None)["rows_done"]}
-        return {i: job_totals(self.task_output(i).records(), None)["rows_done"] for i in self.task_indices()}
-
-    def clear(self, old_count: int, new: Task) -> None:
-        """Remove what a run with another task count left that `new` would not reset on its own."""
-        if old_count == 1:
-            self.root.reset()
-            return
-        for i in self.task_indices():
-            if not new.is_array or i >= new.count:  # tasks below new.count reset their own directory
-                url = task_url(self.url, i)
-                fs, path = store.open_store(url)
-                if fs.exists(path):
-                    try:
-                        fs.rm(path, recursive=True)
-                    except FileNotFoundError:
-                        pass  # another task of the new array removed it first
-        if not new.is_array:
-            store.remove(self.root.fs, store.join(self.root.meta, ARRAY_FILE))
-
-    def foreign_files(self) -> list[str]:
-        """Visible entries of an array's OUT other than its task directories."""
-        return [n for n in store.list_names(self.root.fs, self.root.root)
-                if not n.startswith(("_", ".")) and not _TASK_DIR.match(n)]
-
-
-def check_task_count(layout: OutputLayout, task: Task, force: bool) -> int | None:
-    """Refuse a task count other than the one OUT was started with, once rows are committed.
-
-    Returns the count OUT holds when it must be cleared first (nothing committed, or --force).
-    """
-    existing = layout.num_tasks()
-    if existing is None or existing == task.count:
-        return None
-    committed = layout.committed(existing)
-    rows = sum(committed.values())
-    if rows and not force:
-        raise JobConflict(count_change_message(layout.url, existing, committed, task))
-    return existing
-
-
-def count_change_message(url: str, existing: int, committed: dict[int, int], task: Task) -> str:
-    rows = sum(committed.values())
-    if existing == 1:
-        held = f"the output of a single run, not of an array ({rows} rows committed)"
-        same = "run it without --num-tasks/sharding (outside a Slurm array, or with --num-tasks 1)"
-    else:
-        by = ", ".join(str(i) for i, n in sorted(committed.items()) if n)
-        held = f"the output of an array of {existing} tasks ({rows} rows committed, by task(s) {by})"
-        same = f"run the same {existing} tasks (--num-tasks {existing}, or sbatch --array=0-{existing - 1})"
-    this = task.describe() if task.is_array else "a single run (1 task)"
-    return (f"{url} holds {held}; this run is {this}.\n"
-            "Rows are shared out by task count, so the count cannot change once rows are committed: "
-            f"{same}, set another output.path, or add --force to delete that output and start over.")
-
-
-def open_task_output(url: str, fingerprint: dict[str, Any], task: Task, force: bool):
-    """(OutputDir, manifest) of this task in OUT, after checking what OUT holds; see open_output."""
-    layout = OutputLayout(url)
-    old = check_task_count(layout, task, force)
-    if old is not None:
-        layout.clear(old, task)
-    if not task.is_array:
-        return layout.root, open_output(layout.root, fingerprint, force)
-    array = layout.read_array()
-    if array is not None and array["fingerprint"] != fingerprint and not force:
-        changes = "\n  ".join(fingerprint_diff(array["fingerprint"], fingerprint))
-        raise JobConflict(f"{url} holds the output of a different job:\n  {changes}\n"
-                          "Rerun with --force to delete that output and start over, or set another output.path.")
-    if array is None or array["fingerprint"] != fingerprint or array["num_tasks"] != task.count:
-        foreign = layout.foreign_files()
-        if foreign:
-            raise JobConflict(f"{url} already holds files batchgen did not write ({', '.join(foreign[:3])}); "
-                              "set output.path to a new or empty directory")
-        layout.write_array(task.count, fingerprint)  # every task writes the same content: a race is harmless
-    out = layout.task_output(task.index)
-    return out, open_output(out, fingerprint, force, task={"index": task.index, "count": task.count})
-
-
-def open_output(out: OutputDir, fingerprint: dict[str, Any], force: bool,
-                task: dict[str, int] | None = None) -> dict[str, Any]:
-    """The manifest of one output directory for this job: a new one, the matching one (repaired), or a refusal.
-
-    task: {"index", "count"} for a task directory of an array, None for a single run's OUT.
-    """
-    manifest = out.read_manifest()
-    if manifest is not None and manifest["fingerprint"] != fingerprint:
-        if not force:
-            changes = "\n  ".join(fingerprint_diff(manifest["fingerprint"], fingerprint))
-            raise JobConflict(f"{out.url} holds the output of a different job:\n  {changes}\n"
-                              "Rerun with --force to delete that output and start over, or set another output.path.")
-        logger.warning("--force: deleting the previous job's output in %s", out.url)
-        out.reset()
-        manifest = None
-    if manifest is not None and manifest.get("task") != task:
-        # A task directory of an array with another task count; check_task_count has made sure that
-        # nothing of it is committed (or --force was given).
-        out.reset()
-        manifest = None
-    if manifest is None:
-        foreign = out.foreign_files()
-        if foreign:
-            raise JobConflict(f"{out.url} already holds files batchgen did not write ({', '.join(foreign[:3])}); "
-                              "set output.path to a new or empty directory")
-        manifest = {"fingerprint": fingerprint, **({"task": task} if task is not None else {})}
-        out.write_manifest(manifest)
-    rolled, removed = out.recover()
-    if rolled or removed:
-        logger.info("repaired an interrupted commit in %s: %d part(s) completed, %d uncommitted file(s) removed",
-                    out.url, rolled, removed)
-    manifest.pop("version", None)
-    return manifest

@@ -14,11 +14,11 @@ from typing import Any
 
 from batchgen.job.fingerprint import fingerprint_diff, job_fingerprint
 from batchgen.job.manifest import job_totals
+from batchgen.job.outdir import JobOutput
 from batchgen.job.planner import Planner
 from batchgen.job.reader import Reader
 from batchgen.job.shards import Shard, resolve_shards
 from batchgen.job.spec import JobSpec
-from batchgen.job.tasks import OutputLayout
 
 _MAX_EXAMPLES = 10
 MiB = 1 << 20
@@ -130,7 +130,7 @@ def histogram(values: list[int]) -> list[tuple[str, int]]:
 
 
 def _output_state(spec: JobSpec, shards: list[Shard]) -> str:
-    layout = OutputLayout(spec.output.path)
+    layout = JobOutput(spec.output.path)
     fingerprint = job_fingerprint(spec, shards)
     array = layout.read_array()
     if array is not None:
