@@ -17,11 +17,11 @@ from click.testing import CliRunner
 
 from batchgen.cli import main as cli
 from batchgen.job.manifest import OutputDir
+from batchgen.job.outdir import JobConflict
 from batchgen.job.outputs import OutputError, merge_outputs, output_status
 from batchgen.job.reader import RowShare
 from batchgen.job.runner import run_job
 from batchgen.job.spec import JobSpecError, ShardingSpec
-from batchgen.job.outdir import JobConflict
 from batchgen.job.tasks import Task, resolve_data_parallel, resolve_task
 from batchgen.sampling import CompletionOutput, RequestOutput
 from tests.job.conftest import write_job, write_jsonl
