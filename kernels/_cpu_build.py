@@ -1,6 +1,10 @@
 """Builds batchgen's C++ CPU kernels on first use (torch's load_inline; cached under
-~/.cache/torch_extensions), or reports that they cannot be built here so callers fall back to torch.
+~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR), or reports that they cannot be built here so
+callers fall back to torch.
 
+The first build takes about 25 s on 2 cores; it is announced once per process (logger "batchgen",
+at warning level so that it shows without any logging set up), with where the result is cached.
+`make install` builds them ahead (`python -m kernels.build`), so that a first run does not wait.
 `BATCHGEN_CPU_KERNELS=0` turns every C++ kernel off (the torch paths then run everywhere).
 """
 
@@ -10,6 +14,7 @@ import functools
 import logging
 import os
 import platform
+import time
 
 logger = logging.getLogger("batchgen")
 
@@ -77,11 +82,43 @@ def build(name: str, source: str, functions: list[str]):
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name=name, cpp_sources=[source], functions=functions, extra_cflags=_FLAGS,
-                           extra_ldflags=["-fopenmp"], verbose=False)
+        compiling = _announce(name)
+        start = time.perf_counter()
+        module = load_inline(name=name, cpp_sources=[source], functions=functions, extra_cflags=_FLAGS,
+                             extra_ldflags=["-fopenmp"], verbose=False)
+        if compiling:
+            logger.info("C++ CPU kernel %s ready (%.0f s)", name, time.perf_counter() - start)
+        return module
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         logger.warning("C++ CPU kernels %s unavailable (%s); using the torch path", name, str(e).splitlines()[0])
         return None
+
+
+_announced = False
+
+
+def build_directory(name: str) -> str | None:
+    """Where torch caches extension `name` (None when torch cannot say)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return _get_build_directory(name, verbose=False)
+    except Exception:  # noqa: BLE001 - a private torch helper: its absence only costs the message
+        return None
+
+
+def _announce(name: str) -> bool:
+    """Say once per process that the kernels are being compiled (no built module in the cache yet)."""
+    global _announced
+    directory = build_directory(name)
+    if directory is not None and os.path.exists(os.path.join(directory, f"{name}.so")):
+        return False  # built before: torch only rebuilds when the source changed
+    if not _announced:
+        _announced = True
+        where = os.path.dirname(directory) if directory else "torch's extension cache"
+        logger.warning("compiling batchgen's C++ CPU kernels (first use only, about 25 s on 2 cores; cached in "
+                       "%s; `python -m kernels.build` builds them ahead, BATCHGEN_CPU_KERNELS=0 skips them)", where)
+    return True
 
 
 def lazy_build(name: str, source: str, functions: list[str]):

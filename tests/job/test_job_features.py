@@ -122,10 +122,13 @@ def test_data_parallel_workers_take_disjoint_sub_shares_and_a_resume_may_use_few
     task_dir = tmp_path / "out" / "task-00001"
     share = RowShare(1, 2)  # task 1 of 2: 8 rows; two workers take half of them each
 
-    # Both workers are SIGKILLed at their 10th engine step (the parent reports it): some rows are committed.
+    # Both workers are SIGKILLed at their 10th engine step and may not be restarted: the task fails,
+    # naming the worker and how it died; some rows are committed.
     crashed = run_cli("run", str(job), "--task-index", "1", "--num-tasks", "2", "--data-parallel", "2",
-                      env={"BATCHGEN_FAILPOINTS": "engine_step=10"})
-    assert crashed.returncode == 1 and "data-parallel worker" in crashed.stderr, crashed.stderr
+                      "--set", "sharding.max_worker_restarts=0", env={"BATCHGEN_FAILPOINTS": "engine_step=10"})
+    assert crashed.returncode == 1, crashed.stderr
+    assert "data-parallel worker" in crashed.stderr and "was killed by SIGKILL" in crashed.stderr
+    assert "0 restart(s) allowed (sharding.max_worker_restarts)" in crashed.stderr
     records = OutputDir(str(task_dir)).records()
     assert {r["worker"] for r in records} == {0, 1}
     for r in records:
@@ -141,6 +144,30 @@ def test_data_parallel_workers_take_disjoint_sub_shares_and_a_resume_may_use_few
     assert stats["run"]["rows"] == 8 - first and stats["job"]["complete"]
     keys = sorted((r["_shard_index"], r["_row_index"]) for r in rows_by_id(str(task_dir)).values())
     assert keys == [(0, i) for i in range(16) if share.takes(0, i)]  # every row of the task exactly once
+
+
+def test_a_killed_data_parallel_worker_is_restarted_and_the_job_ends_exactly_once(tiny_dir, tmp_path):
+    write_jsonl(tmp_path / "rows.jsonl", [{"id": f"r{i}", "prompt": f"Item {i}:"} for i in range(16)])
+    job = write_job(tmp_path / "job.yaml", model={"path": tiny_dir, "dtype": "float32"},
+                    input={"path": "rows.jsonl"}, output={"path": "out", "commit_every_rows": 1},
+                    sampling={"max_tokens": 4, "temperature": 0.0, "ignore_eos": True},
+                    engine=ONE_AT_A_TIME)
+    # One worker (whichever gets there first) is SIGKILLed, as by the OOM killer, at its 12th engine
+    # step, once: it has committed some rows and has one in flight.
+    done = run_cli("run", str(job), "--data-parallel", "2",
+                   env={"BATCHGEN_FAILPOINTS": "engine_step=12", "BATCHGEN_FAILPOINTS_ONCE": str(tmp_path / "killed")})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "killed").exists()
+    assert "was killed by SIGKILL" in done.stderr and "restarting it (1 of at most 3)" in done.stderr
+    stats = json.loads((tmp_path / "out" / "_batchgen" / "stats.json").read_text())
+    assert stats["job"]["complete"] and stats["job"]["rows"] == 16 and stats["run"]["worker_restarts"] == 1
+    records = OutputDir(str(tmp_path / "out")).records()
+    assert {r["worker"] for r in records} == {0, 1}
+    table = pads.dataset(str(tmp_path / "out")).to_table()  # every part: a row written twice would show
+    keys = sorted(zip(table["_shard_index"].to_pylist(), table["_row_index"].to_pylist()))
+    assert keys == [(0, i) for i in range(16)]  # every row exactly once
+    assert not list((tmp_path / "out" / "_batchgen" / "pending").glob("*"))
+    assert not (tmp_path / "out" / "_batchgen" / "lease.json").exists()
 
 
 def test_data_parallel_forwards_sigterm_to_its_workers(tiny_dir, tmp_path):
