@@ -104,6 +104,11 @@ class JobOutput:
     def lease(self, directory: OutputDir) -> Lease:
         return Lease(directory.fs, directory.meta, directory.url)
 
+    def running(self, directory: OutputDir) -> dict[str, Any] | None:
+        """The live run holding `directory` (its lease: host, pid, started, heartbeat), or None."""
+        holder = self.lease(directory).live_holder()
+        return None if holder is None else {k: holder.get(k) for k in ("host", "pid", "started", "heartbeat")}
+
     def num_tasks(self) -> int | None:
         """The task count OUT was started with; None when it holds nothing of batchgen's."""
         array = self.read_array()

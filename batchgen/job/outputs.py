@@ -9,6 +9,7 @@ several output directories of one job, and restores input order from each row's
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -35,16 +36,16 @@ def output_status(url: str) -> dict[str, Any]:
     manifest = out.read_manifest()
     if manifest is None:
         raise OutputError(f"{url} is not a batchgen output (no {out.meta}/manifest.json)")
-    return _dir_status(out, manifest)
+    return _dir_status(layout, out, manifest)
 
 
-def _dir_status(out: OutputDir, manifest: dict[str, Any]) -> dict[str, Any]:
+def _dir_status(layout: JobOutput, out: OutputDir, manifest: dict[str, Any]) -> dict[str, Any]:
     records = out.records()
     committed = {r["part"] for r in records if r.get("part")}
     pending = [n for n in store.list_names(out.fs, out.pending_dir) if n not in committed]
     return {"output": out.url, "model": manifest["fingerprint"].get("model", {}).get("path"),
             **job_totals(records, manifest.get("total_rows")),
-            "uncommitted_parts": len(pending), "last_run": out.read_stats()}
+            "uncommitted_parts": len(pending), "last_run": out.read_stats(), "running": layout.running(out)}
 
 
 def _array_status(layout: JobOutput, array: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def _array_status(layout: JobOutput, array: dict[str, Any]) -> dict[str, Any]:
             continue
         records = out.records()
         records_all += records
-        st = _dir_status(out, manifest)
+        st = _dir_status(layout, out, manifest)
         tasks.append({"task": i, "started": True, **st})
         total = None if total is None or st["rows_total"] is None else total + st["rows_total"]
     unfinished = [t["task"] for t in tasks if not t["complete"]]
@@ -82,8 +83,11 @@ def format_status(status: dict[str, Any]) -> str:
         (f"  tokens: {status['prompt_tokens']} prompt ({status['cached_tokens']} from the prefix cache), "
          f"{status['generated_tokens']} generated"),
     ]
+    if status.get("running"):
+        lines.append(f"  running now: {_running(status['running'])}")
     if status["uncommitted_parts"]:
-        lines.append(f"  {status['uncommitted_parts']} uncommitted part(s) from an interrupted run "
+        what = "a run in progress or an interrupted one" if status.get("running") else "an interrupted run"
+        lines.append(f"  {status['uncommitted_parts']} uncommitted part(s) from {what} "
                      "(removed when the job resumes)")
     last = status.get("last_run")
     if last:
@@ -109,6 +113,11 @@ def _last_run(last: dict[str, Any]) -> str:
     return text
 
 
+def _running(holder: dict[str, Any]) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder["started"] or 0))
+    return f"host {holder['host']}, pid {holder['pid']}, started {started}"
+
+
 def _task_line(task: dict[str, Any]) -> str:
     if not task["started"]:
         return "not started"
@@ -117,6 +126,8 @@ def _task_line(task: dict[str, Any]) -> str:
             f"({task['errors']} errors) in {task['parts']} parts")
     if task.get("last_run"):
         text += f"; last run {_last_run(task['last_run'])}"
+    if task.get("running"):
+        text += f"; running now ({_running(task['running'])})"
     return text
 
 

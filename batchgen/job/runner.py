@@ -146,8 +146,8 @@ def _run_data_parallel(spec: JobSpec, out: OutputDir, manifest: dict[str, Any], 
     finally:
         # Workers committed on their own: read their records again, and finish any commit a killed
         # worker left half done (the workers are gone, so no pending part is still being written).
+        out.records(refresh=True)  # before recover(): a pending part with a worker's record is committed
         out.recover()
-        out.records(refresh=True)
         run = result.run if result is not None else empty_run(workers, time.perf_counter() - start)
         exhausted = result is not None and result.exhausted
         stats = write_stats(out, manifest, run, exhausted, signals.received)

@@ -152,10 +152,11 @@ def test_a_killed_data_parallel_worker_is_restarted_and_the_job_ends_exactly_onc
                     input={"path": "rows.jsonl"}, output={"path": "out", "commit_every_rows": 1},
                     sampling={"max_tokens": 4, "temperature": 0.0, "ignore_eos": True},
                     engine=ONE_AT_A_TIME)
-    # One worker (whichever gets there first) is SIGKILLed, as by the OOM killer, at its 12th engine
-    # step, once: it has committed some rows and has one in flight.
+    # One worker (whichever gets there first) is SIGKILLed, as by the OOM killer, once, right after
+    # its 3rd commit record is written and before that part is moved into OUT: the restarted worker
+    # must count that commit as done, and the parent completes it when the workers have ended.
     done = run_cli("run", str(job), "--data-parallel", "2",
-                   env={"BATCHGEN_FAILPOINTS": "engine_step=12", "BATCHGEN_FAILPOINTS_ONCE": str(tmp_path / "killed")})
+                   env={"BATCHGEN_FAILPOINTS": "record_written=3", "BATCHGEN_FAILPOINTS_ONCE": str(tmp_path / "killed")})
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "killed").exists()
     assert "was killed by SIGKILL" in done.stderr and "restarting it (1 of at most 3)" in done.stderr

@@ -185,6 +185,8 @@ def test_second_cli_run_is_refused_and_a_killed_runs_lease_does_not_block_the_re
         busy = run_cli("run", "-q", str(job))
         assert busy.returncode == 1, busy.stderr
         assert f"in use by another batchgen run (host {socket.gethostname()}, pid {first.pid}" in busy.stderr
+        status = run_cli("status", str(out))
+        assert f"running now: host {socket.gethostname()}, pid {first.pid}" in status.stdout, status.stdout
     finally:
         first.kill()  # kill -9 of the holder: no cleanup, its lease stays behind
         first.communicate(timeout=60)
@@ -199,3 +201,4 @@ def test_second_cli_run_is_refused_and_a_killed_runs_lease_does_not_block_the_re
     assert sorted(table["id"].to_pylist()) == sorted(f"r{i}" for i in range(30))
     assert totals["complete"] and totals["rows"] == 30
     assert not lease_file.exists()  # given back at the end
+    assert "running now" not in run_cli("status", str(out)).stdout
