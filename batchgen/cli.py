@@ -1,7 +1,8 @@
 """The `batchgen` command: run, validate, status, merge, slurm, bench.
 
-Exit codes: 0 done; 1 the job failed (on_error: fail, output of another job, a crash); 2 the job
-file or command line is wrong; 128 + signal when stopped by one (143 SIGTERM, 130 SIGINT).
+Exit codes: 0 done; 1 the job failed (on_error: fail, output of another job or in use by another
+run, a data-parallel worker that died past its restarts, a crash); 2 the job file or command line
+is wrong; 128 + signal when stopped by one (143 SIGTERM, 130 SIGINT).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 
 import click
 
+from batchgen.job.lease import OutputBusy
 from batchgen.job.outputs import (
     OutputError,
     format_status,
@@ -85,7 +87,7 @@ def run(job: str, overrides: tuple[str, ...], force: bool, quiet: bool, task_ind
                          data_parallel=data_parallel)
     except JobSpecError as e:  # input paths that match nothing are found only now
         raise _JobFileError(f"{job}: {e}") from None
-    except (JobConflict, JobFailed, WorkerFailed) as e:
+    except (JobConflict, OutputBusy, JobFailed, WorkerFailed) as e:
         raise click.ClickException(str(e)) from None
     if not quiet:
         click.echo(format_summary(result.stats), err=True)
