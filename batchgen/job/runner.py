@@ -28,7 +28,7 @@ from batchgen.job.manifest import COUNTERS, OutputDir, RowSet, job_totals
 from batchgen.job.planner import Planned, Planner
 from batchgen.job.progress import Progress
 from batchgen.job.reader import Reader, Row
-from batchgen.job.schema import OutputSchema
+from batchgen.job.schema import OutputSchema, kept_storage
 from batchgen.job.shards import resolve_shards
 from batchgen.job.signals import StopSignals
 from batchgen.job.spec import JobSpec, apply_overrides, load_spec
@@ -147,6 +147,8 @@ def write_stats(out: OutputDir, manifest: dict[str, Any], run: dict[str, Any], e
     stats = {"output": out.url, "interrupted": signal.Signals(sig).name if sig else None, "run": run, "job": job}
     if manifest.get("task"):
         stats["task"] = manifest["task"]
+    if manifest.get("schema"):  # how each kept column is stored (JSON text where its values' types disagree)
+        stats["kept_columns"] = kept_storage(OutputSchema.from_json(manifest["schema"]))
     out.write_stats(stats)
     return stats
 
