@@ -105,7 +105,7 @@ class Reader:
         for row in self._rows(shard, self._wanted, self._read_columns()):
             first = duplicates.get(row.key) if duplicates else None
             if first is not None and row.error is None:
-                row.error = (f"duplicate id {_short(row.id)}: {self._where(*first)} has it first; "
+                row.error = (f"duplicate id {_short(row.id)}: {self.where(*first)} has it first; "
                              "ids must be unique, so only that row is generated")
             yield row
 
@@ -121,7 +121,8 @@ class Reader:
         else:
             raise ValueError(f"unknown shard format {shard.format!r}")
 
-    def _where(self, shard: int, index: int) -> str:
+    def where(self, shard: int, index: int) -> str:
+        """Where a row is, as a user finds it: "data.jsonl line 4" (JSONL counts lines from 1), "a.parquet row 3"."""
         s = self.shards[shard]
         return f"{s.name} line {index + 1}" if s.format in ("jsonl", "openai-batch") else f"{s.name} row {index}"
 
@@ -208,8 +209,8 @@ class Reader:
             schema = pa.unify_schemas(declared, promote_options="permissive") if declared else pa.schema([])
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise JobSpecError(f"input: the shards disagree on column types: {e}") from None
-        if not untyped:
-            return schema
+        if not untyped or self.columns == set():
+            return schema  # keep_columns: none (without a LoRA column) keeps nothing to profile
         profile = self.column_profile = self.profile(untyped)
         fields = {f.name: f for f in schema}
         for key in profile.kinds:

@@ -237,7 +237,7 @@ class _Run:
     def _reject(self, row: Row, error: str, num_prompt_tokens: int, schema: OutputSchema) -> JobFailed | None:
         """Record or skip a bad row; under on_error: fail, return the error that will stop the job."""
         if self.spec.on_error == "fail":
-            return JobFailed(f"row {row.id!r} ({self.reader.shards[row.shard].name}, row {row.index}): {error}\n"
+            return JobFailed(f"row {row.id!r} ({self.reader.where(row.shard, row.index)}): {error}\n"
                              "on_error is fail: the job stopped before generating that row's window; "
                              "rows finished before it are committed")
         if self.spec.on_error == "skip":
