@@ -89,7 +89,7 @@ class Reader:
         self.columns = columns  # None: every column (keep_columns: all)
         self.share = share
         self.skip = skip
-        self._schema: pa.Schema | None | bool = False  # False: not computed yet
+        self._schema: pa.Schema | None = None  # arrow_schema(), once computed
         self._duplicates: dict[tuple[int, int], tuple[int, int]] | None = None
         self.column_profile: ColumnProfile | None = None  # of the untyped shards, once arrow_schema() ran
 
@@ -190,7 +190,7 @@ class Reader:
 
         Computed once per reader. Only the reader's columns are profiled (None: all of them).
         """
-        if self._schema is False:
+        if self._schema is None:
             self._schema = self._input_schema()
         return self._schema
 
@@ -245,16 +245,23 @@ def _row_id(value: Any, shard: Shard, index: int, column: str | None) -> tuple[s
         return _fallback_id(shard, index), (f"{column!r} must be a string or a number to be an id, "
                                             f"got {_short(value)}")
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
+        if not _valid_unicode(value):
             return _fallback_id(shard, index), f"{column!r} is not valid Unicode (a lone surrogate): {_short(value)}"
         return value, None
     return str(value), None
 
 
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _short(value: Any, limit: int = 80) -> str:
-    text = json.dumps(value, default=str) if not isinstance(value, str) else json.dumps(value)
+    # Valid text reads as itself; anything else (a lone surrogate, a list) with ASCII escapes.
+    text = json.dumps(value, ensure_ascii=not (isinstance(value, str) and _valid_unicode(value)), default=str)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -14,6 +14,7 @@ import signal
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -23,7 +24,9 @@ from hypothesis import strategies as st
 from batchgen.job import duplicates
 from batchgen.job.columns import ColumnProfile, decode_json_columns, is_json_field, json_equal, source_key
 from batchgen.job.duplicates import find_duplicates
-from batchgen.job.spec import OUTPUT_COLUMNS
+from batchgen.job.reader import Reader, RowShare
+from batchgen.job.shards import resolve_shards
+from batchgen.job.spec import OUTPUT_COLUMNS, InputSpec
 from tests.job.conftest import SMALL_ENGINE, chat, run_cli, write_job, write_jsonl
 
 SHARD = "data.jsonl"
@@ -98,7 +101,7 @@ def check_output(root: Path, lines: list[bytes]) -> list[dict]:
         row_id, usable = expected_id(obj, index)
         assert row["id"] == row_id
         if usable and row_id in first:
-            assert row["error"] == (f"duplicate id {json.dumps(row_id)}: {SHARD} line {first[row_id] + 1} has "
+            assert row["error"] == (f"duplicate id {json.dumps(row_id, ensure_ascii=False)}: {SHARD} line {first[row_id] + 1} has "
                                     "it first; ids must be unique, so only that row is generated")
         else:
             assert "duplicate id" not in (row["error"] or "")
@@ -114,8 +117,13 @@ SPECIAL_TEXT = ["", "\x00", "a\x00b", "\ud800", "x\udfffy", "é", "🙂", "line\
 text = st.one_of(st.text(max_size=12), st.sampled_from(SPECIAL_TEXT))
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.integers(-5, 5),
                     st.floats(allow_nan=True, allow_infinity=True), text)
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(max_size=3), inner, max_size=3), max_leaves=8)
+
+
+def _containers(inner):
+    return st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=3))
+
+
+json_values = st.recursive(scalars, _containers, max_leaves=8)
 COLUMNS = ["c0", "c1", "meta", "nul\x00col", "\ud800col", "é"]
 BAD_LINES = [b'{"id": "x", "prompt": "unterminated', b"\xff\xfe not utf-8", b"[1, 2]", b"42", b"null",
              b'"a string"', b"[" * 3000 + b"]" * 3000, b'{"a": ' * 3000 + b"1" + b"}" * 3000, b"", b"   "]
@@ -338,3 +346,32 @@ def test_duplicates_are_exact_even_when_hashes_collide(monkeypatch):
     monkeypatch.setattr(duplicates, "_hash", lambda row_id: 7)  # every id collides: the second pass decides
     assert find_duplicates(lambda: iter(ids)) == want
     assert find_duplicates(lambda: iter(ids[:2])) == {}
+
+
+def test_reader_decides_duplicates_over_the_whole_input_whatever_the_share(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"id": "x", "prompt": "1"}, {"id": "y", "prompt": "2"}, b"{broken",
+                                       {"id": "x", "prompt": "3"}])
+    pq.write_table(pa.table({"id": ["y", "z", "x"], "prompt": ["4", "5", "6"]}), tmp_path / "b.parquet")
+    spec = InputSpec(paths=(str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")))
+    shards = resolve_shards(spec)
+    whole = {r.key: r.error for r in Reader(shards, spec)}
+    assert {k for k, e in whole.items() if e and "duplicate id" in e} == {(0, 3), (1, 0), (1, 2)}
+    assert 'duplicate id "y": ' + f"{shards[0].name} line 2 has it first" in whole[(1, 0)]
+    shares = {}
+    for task in range(3):  # each task sees a third of the rows, and the same verdict on each
+        shares.update({r.key: r.error for r in Reader(shards, spec, share=RowShare(task, 3))})
+    assert shares == whole
+    # A resume skips committed rows before parsing them; the later duplicates are still found.
+    resumed = {r.key: r.error for r in Reader(shards, spec, skip=lambda s, i: (s, i) in {(0, 0), (0, 1)})}
+    assert resumed == {k: e for k, e in whole.items() if k not in {(0, 0), (0, 1)}}
+
+
+def test_reader_schema_covers_late_columns_and_shards_that_disagree(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "n": "seven"}] + [{"prompt": "p"}] * 50
+                + [{"prompt": "p", "late": 1.5}])
+    pq.write_table(pa.table({"prompt": ["q"], "n": [7], "only_parquet": [True]}), tmp_path / "b.parquet")
+    spec = InputSpec(paths=(str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")))
+    schema = Reader(resolve_shards(spec), spec).arrow_schema()
+    assert schema.field("late").type == pa.float64() and schema.field("only_parquet").type == pa.bool_()
+    assert is_json_field(schema.field("n"))  # int64 in the Parquet shard, a string in the JSONL one
+    assert Reader(resolve_shards(spec), spec, columns=set()).arrow_schema().names == ["prompt", "n", "only_parquet"]
