@@ -133,6 +133,9 @@ class Planner:
                            "(generated_text is a string column in this job)")
         if params.logprobs is not None and not self.with_logprobs:
             raise RowError("logprobs needs sampling.logprobs in the job file (the output has no logprobs column)")
+        if params.logprobs is not None and params.logprobs > len(self.tokenizer):
+            raise RowError(f"logprobs={params.logprobs} asks for more alternatives than the "
+                           f"{len(self.tokenizer)} tokens there are")
         return params
 
     def _prompt(self, row: Row) -> str:
