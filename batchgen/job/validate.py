@@ -19,7 +19,7 @@ from batchgen.job.planner import Planner
 from batchgen.job.reader import Reader
 from batchgen.job.schema import OutputSchema
 from batchgen.job.shards import Shard, resolve_shards
-from batchgen.job.spec import JobSpec
+from batchgen.job.spec import OUTPUT_COLUMNS, JobSpec
 from batchgen.job.tasks import OutputLayout
 
 _MAX_EXAMPLES = 10
@@ -43,6 +43,7 @@ class Validation:
     missing_adapters: list[str] = field(default_factory=list)
     kept: list[tuple[str, str, str | None]] = field(default_factory=list)  # (column, storage, why JSON text)
     duplicate_rows: int = 0  # rows whose id an earlier row has (error rows in a run)
+    not_kept: list[str] = field(default_factory=list)  # input columns named like output columns
 
     @property
     def ok(self) -> bool:
@@ -65,6 +66,8 @@ class Validation:
             width = max(len(name) for name, _, _ in self.kept)
             for name, storage, kinds in self.kept:
                 lines.append(f"  {name:<{width}}  {storage}" + (f" (values: {kinds})" if kinds else ""))
+        if self.not_kept:
+            lines.append(f"not kept (output columns have these names): {', '.join(self.not_kept)}")
         if self.prompt_tokens:
             p = sorted(self.prompt_tokens)
             lines.append(f"prompt tokens: min {p[0]}, median {p[len(p) // 2]}, max {p[-1]} "
@@ -110,6 +113,8 @@ def validate_job(spec: JobSpec) -> Validation:
             report.kv_tokens.append(min(n + budget, max_model_len) + (item.params.n - 1) * budget)
     report.duplicate_rows = len(reader.duplicates())
     report.kept = kept_columns(spec, reader)
+    if spec.output.keep_columns == "all":
+        report.not_kept = [n for n in reader.arrow_schema().names if n in OUTPUT_COLUMNS and n != spec.input.id_column]
     report.output = _output_state(spec, shards)
     if spec.lora is not None:
         report.missing_adapters = [name for name, path in spec.lora.adapters.items()
