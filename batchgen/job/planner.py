@@ -12,6 +12,7 @@ on_error: fail can stop before generating anything of that row's window.
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ class Planner:
         good = self._tokenize(chat, add_special_tokens=False) + self._tokenize(plain, add_special_tokens=True)
         for item in good:
             n = len(item.token_ids)
-            if n > self.max_model_len:  # the engine's rule: a prompt of max_model_len still gets one token
+            if item.error is None and n > self.max_model_len:  # the engine's rule: a prompt of max_model_len still gets one token
                 item.error = f"prompt has {n} tokens, but max_model_len is {self.max_model_len}"
         bad += [item for item in good if item.error]
         good = sorted((item for item in good if not item.error), key=lambda item: (item.lora or "", item.token_ids))
@@ -118,6 +119,7 @@ class Planner:
                 continue
             if name in _INT_FIELDS and isinstance(value, float) and value.is_integer():
                 value = int(value)  # a nullable int column comes back from pandas-written files as float
+            _check_override(name, value)
             changes[name] = value
         if not changes:
             return self.defaults
@@ -131,6 +133,9 @@ class Planner:
                            "(generated_text is a string column in this job)")
         if params.logprobs is not None and not self.with_logprobs:
             raise RowError("logprobs needs sampling.logprobs in the job file (the output has no logprobs column)")
+        if params.logprobs is not None and params.logprobs > len(self.tokenizer):
+            raise RowError(f"logprobs={params.logprobs} asks for more alternatives than the "
+                           f"{len(self.tokenizer)} tokens there are")
         return params
 
     def _prompt(self, row: Row) -> str:
@@ -158,12 +163,49 @@ class Planner:
         if not items:
             return []
         # One batched call: fast tokenizers encode the whole window in parallel.
-        encoded = self.tokenizer([text for _, text in items], add_special_tokens=add_special_tokens)["input_ids"]
+        try:
+            encoded = self.tokenizer([text for _, text in items], add_special_tokens=add_special_tokens)["input_ids"]
+        except Exception:  # noqa: BLE001 - one row's text (a lone surrogate) fails the batch: find it row by row
+            encoded = [self._encode_one(item, text, add_special_tokens) for item, text in items]
         for (item, _), ids in zip(items, encoded, strict=True):
+            if ids is None:
+                continue
             item.token_ids = array("i", ids)
             if not ids:
                 item.error = "the prompt encodes to no tokens"
         return [item for item, _ in items]
+
+    def _encode_one(self, item: Planned, text: str, add_special_tokens: bool) -> list[int] | None:
+        try:
+            return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        except Exception as e:  # noqa: BLE001 - whatever the tokenizer raises is this row's error
+            item.error = f"the prompt cannot be tokenized: {type(e).__name__}: {str(e)[:200]}"
+            item.token_ids = array("i")
+            return None
+
+
+_FLOAT_FIELDS = {"temperature", "top_p", "min_p"}
+_BOOL_FIELDS = {"ignore_eos", "skip_special_tokens"}
+_INT_LIMIT = 1 << 63  # what the engine's seeds and counters hold (int64)
+
+
+def _check_override(name: str, value: Any) -> None:
+    """Types SamplingParams would take but the engine cannot run: bools as counts, NaN, huge ints."""
+    if name in _INT_FIELDS and (isinstance(value, bool) or (isinstance(value, int) and not -_INT_LIMIT < value
+                                                                < _INT_LIMIT)):
+        raise RowError(f"per-row {name}={_clip(value)} is invalid: must be an int64")
+    if name in _FLOAT_FIELDS and (isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value))):
+        raise RowError(f"per-row {name}={_clip(value)} is invalid: must be a finite number")
+    if name in _BOOL_FIELDS and not isinstance(value, bool):
+        raise RowError(f"per-row {name}={_clip(value)} is invalid: must be true or false")
+    if name == "stop_token_ids" and isinstance(value, list) and any(
+            isinstance(t, bool) or (isinstance(t, int) and t >= _INT_LIMIT) for t in value):
+        raise RowError(f"per-row {name}={_clip(value)} is invalid: must be a list of token ids")
+
+
+def _clip(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 def _chat_messages(value: Any, column: str) -> list[dict[str, Any]]:

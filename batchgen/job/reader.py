@@ -4,6 +4,10 @@ A row's key is (shard index, row index): row index is the row's position in a Pa
 dataset, or its line number (from 0) in a JSONL file. Keys are unique even when user ids repeat,
 which is what makes "every input row exactly once in the output" checkable and resumable.
 
+Ids that repeat are still rows of their own: the first row (in input order) with an id is generated,
+every later row with the same id comes out with `error` naming the first one (duplicates.py finds
+them over the whole input, so every run, task and worker agrees on which is first).
+
 Memory stays bounded whatever the input size: Parquet is read one record batch at a time (one
 row group in memory), JSONL one line at a time, HF datasets through their memory-mapped or
 streaming iterators. A line that cannot be parsed is still a row, with `error` saying why.
@@ -20,6 +24,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchgen.job.columns import ColumnProfile, is_json_field, json_field
+from batchgen.job.duplicates import find_duplicates
 from batchgen.job.openai_batch import OpenAIBatchError, parse_line
 from batchgen.job.shards import Shard, is_saved_dataset
 from batchgen.job.spec import InputSpec, JobSpecError
@@ -83,6 +89,9 @@ class Reader:
         self.columns = columns  # None: every column (keep_columns: all)
         self.share = share
         self.skip = skip
+        self._schema: pa.Schema | None = None  # arrow_schema(), once computed
+        self._duplicates: dict[tuple[int, int], tuple[int, int]] | None = None
+        self.column_profile: ColumnProfile | None = None  # of the untyped shards, once arrow_schema() ran
 
     def _wanted(self, shard: int, row: int) -> bool:
         return self.share.takes(shard, row) and not (self.skip and self.skip(shard, row))
@@ -92,16 +101,48 @@ class Reader:
             yield from self.rows(shard)
 
     def rows(self, shard: Shard) -> Iterator[Row]:
+        duplicates = self.duplicates()
+        for row in self._rows(shard, self._wanted, self._read_columns()):
+            first = duplicates.get(row.key) if duplicates else None
+            if first is not None and row.error is None:
+                row.error = (f"duplicate id {_short(row.id)}: {self.where(*first)} has it first; "
+                             "ids must be unique, so only that row is generated")
+            yield row
+
+    def _rows(self, shard: Shard, wanted: RowFilter, columns: set[str] | None) -> Iterator[Row]:
         if shard.format == "parquet":
-            yield from self._plain_rows(shard, _parquet_records(shard, self._read_columns(), self._wanted))
+            yield from self._plain_rows(shard, _parquet_records(shard, columns, wanted))
         elif shard.format == "hf-dataset":
-            yield from self._plain_rows(shard, _hf_records(shard, self.spec.split, self._wanted))
+            yield from self._plain_rows(shard, _hf_records(shard, self.spec.split, wanted))
         elif shard.format == "jsonl":
-            yield from self._plain_rows(shard, _jsonl_records(shard, self._wanted))
+            yield from self._plain_rows(shard, _jsonl_records(shard, wanted))
         elif shard.format == "openai-batch":
-            yield from _openai_rows(shard, _jsonl_records(shard, self._wanted))
+            yield from _openai_rows(shard, _jsonl_records(shard, wanted))
         else:
             raise ValueError(f"unknown shard format {shard.format!r}")
+
+    def where(self, shard: int, index: int) -> str:
+        """Where a row is, as a user finds it: "data.jsonl line 4" (JSONL counts lines from 1), "a.parquet row 3"."""
+        s = self.shards[shard]
+        return f"{s.name} line {index + 1}" if s.format in ("jsonl", "openai-batch") else f"{s.name} row {index}"
+
+    def duplicates(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """{key of a row whose id an earlier row has: key of the first row with that id}, over the
+        whole input (every task's share): computed once per reader, by one pass over the ids."""
+        if self._duplicates is None:
+            if self.spec.id_column is None and all(s.format != "openai-batch" for s in self.shards):
+                self._duplicates = {}  # generated ids (shard:line) are unique
+            else:
+                self._duplicates = find_duplicates(self._all_ids)
+        return self._duplicates
+
+    def _all_ids(self) -> Iterator[tuple[int, int, str]]:
+        """(shard, row, id) of every row of the input, in input order."""
+        everything = lambda shard, row: True  # noqa: E731
+        id_only = {self.spec.id_column} if self.spec.id_column else set()
+        for shard in self.shards:
+            for row in self._rows(shard, everything, id_only):
+                yield row.shard, row.index, row.id
 
     def _read_columns(self) -> set[str] | None:
         if self.columns is None:
@@ -115,10 +156,10 @@ class Reader:
             if error is not None:
                 yield Row(shard.index, index, _fallback_id(shard, index), error=error)
                 continue
-            row_id = data.get(s.id_column) if s.id_column else None
-            yield Row(shard.index, index, _fallback_id(shard, index) if row_id is None else str(row_id), data,
+            row_id, error = _row_id(data.get(s.id_column) if s.id_column else None, shard, index, s.id_column)
+            yield Row(shard.index, index, row_id, data,
                       prompt=data.get(s.prompt_column) if s.prompt_column else None,
-                      messages=data.get(s.messages_column) if s.messages_column else None)
+                      messages=data.get(s.messages_column) if s.messages_column else None, error=error)
 
     def count(self) -> int | None:
         """Rows this reader's share covers (committed ones included); None when counting means a full
@@ -143,29 +184,85 @@ class Reader:
             return None  # counting would download the whole file once more
         return sum(1 for i, line in enumerate(read_lines(shard.url)) if line.strip() and self.share.takes(shard.index, i))
 
-    def arrow_schema(self) -> pa.Schema | None:
-        """The input columns' types when the format declares them (Parquet, HF datasets), else None."""
-        schemas = []
+    def arrow_schema(self) -> pa.Schema:
+        """The input columns' types: as Parquet and HF datasets declare them; for JSONL, OpenAI batch
+        files and undeclared HF datasets, as columns.py decides them from a pass over every row.
+
+        Computed once per reader. Only the reader's columns are profiled (None: all of them).
+        """
+        if self._schema is None:
+            self._schema = self._input_schema()
+        return self._schema
+
+    def _input_schema(self) -> pa.Schema:
+        declared, untyped = [], []
         for shard in self.shards:
             if shard.format == "parquet":
                 fs, path = fsspec.core.url_to_fs(shard.url)
                 with fs.open(path, "rb") as f:
-                    schemas.append(pq.read_schema(f))
-            elif shard.format == "hf-dataset":
-                features = _open_hf(shard.url, self.spec.split).features
-                if features is None:
-                    return None
-                schemas.append(features.arrow_schema)
+                    declared.append(pq.read_schema(f))
+            elif shard.format == "hf-dataset" and (features := _open_hf(shard.url, self.spec.split).features):
+                declared.append(features.arrow_schema)
             else:
-                return None
+                untyped.append(shard)
         try:
-            return pa.unify_schemas(schemas, promote_options="permissive")
+            schema = pa.unify_schemas(declared, promote_options="permissive") if declared else pa.schema([])
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise JobSpecError(f"input: the shards disagree on column types: {e}") from None
+        if not untyped or self.columns == set():
+            return schema  # keep_columns: none (without a LoRA column) keeps nothing to profile
+        profile = self.column_profile = self.profile(untyped)
+        fields = {f.name: f for f in schema}
+        for key in profile.kinds:
+            f = profile.field(key)
+            name, have = f.name, fields.get(f.name)
+            if have is None:
+                fields[name] = f
+            elif set(profile.kinds[key]) != {"null"} and (have.type != f.type or is_json_field(f)):
+                fields[name] = json_field(key)  # Parquet and JSONL shards disagree: keep both as JSON text
+        return pa.schema(list(fields.values()))
+
+    def profile(self, shards: list[Shard] | None = None) -> ColumnProfile:
+        """The kinds of value each column holds, over every row of `shards` (default: all)."""
+        profile = ColumnProfile()
+        everything = lambda shard, row: True  # noqa: E731
+        for shard in self.shards if shards is None else shards:
+            for row in self._rows(shard, everything, self.columns):
+                if row.data:
+                    profile.add(row.data, self.columns)
+        return profile
 
 
 def _fallback_id(shard: Shard, index: int) -> str:
     return f"{shard.name}:{index}"
+
+
+def _row_id(value: Any, shard: Shard, index: int, column: str | None) -> tuple[str, str | None]:
+    """(the row's id, an error when the id column holds something that cannot be an id)."""
+    if value is None:
+        return _fallback_id(shard, index), None
+    if isinstance(value, (bool, list, dict)):
+        return _fallback_id(shard, index), (f"{column!r} must be a string or a number to be an id, "
+                                            f"got {_short(value)}")
+    if isinstance(value, str):
+        if not _valid_unicode(value):
+            return _fallback_id(shard, index), f"{column!r} is not valid Unicode (a lone surrogate): {_short(value)}"
+        return value, None
+    return str(value), None
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    # Valid text reads as itself; anything else (a lone surrogate, a list) with ASCII escapes.
+    text = json.dumps(value, ensure_ascii=not (isinstance(value, str) and _valid_unicode(value)), default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ---- formats: each yields (row index, columns or None, error or None) ---------------------------
@@ -202,6 +299,9 @@ def _jsonl_records(shard: Shard, wanted: Callable[[int, int], bool]):
         except ValueError as e:
             yield index, None, f"line {index + 1}: malformed JSON: {e}"
             continue
+        except RecursionError:
+            yield index, None, f"line {index + 1}: JSON nested too deeply to read"
+            continue
         if not isinstance(obj, dict):
             yield index, None, f"line {index + 1}: a JSON {type(obj).__name__} is not a row; expected an object"
             continue
@@ -212,8 +312,8 @@ def _openai_rows(shard: Shard, records) -> Iterator[Row]:
     for index, obj, error in records:
         row_id = _fallback_id(shard, index)
         if error is None:
-            custom_id = obj.get("custom_id")
-            row_id = str(custom_id) if custom_id is not None else row_id
+            row_id, error = _row_id(obj.get("custom_id"), shard, index, "custom_id")
+        if error is None:
             try:
                 columns = parse_line(obj)
             except OpenAIBatchError as e:

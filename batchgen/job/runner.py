@@ -32,7 +32,7 @@ from batchgen.job.outdir import JobConflict, JobOutput
 from batchgen.job.planner import Planned, Planner
 from batchgen.job.progress import Progress
 from batchgen.job.reader import Reader, Row
-from batchgen.job.schema import OutputSchema
+from batchgen.job.schema import OutputSchema, kept_storage
 from batchgen.job.shards import resolve_shards
 from batchgen.job.signals import StopSignals
 from batchgen.job.spec import JobSpec, apply_overrides, load_spec
@@ -180,6 +180,8 @@ def write_stats(out: OutputDir, manifest: dict[str, Any], run: dict[str, Any], e
     stats = {"output": out.url, "interrupted": signal.Signals(sig).name if sig else None, "run": run, "job": job}
     if manifest.get("task"):
         stats["task"] = manifest["task"]
+    if manifest.get("schema"):  # how each kept column is stored (JSON text where its values' types disagree)
+        stats["kept_columns"] = kept_storage(OutputSchema.from_json(manifest["schema"]))
     out.write_stats(stats)
     return stats
 
@@ -268,7 +270,7 @@ class _Run:
     def _reject(self, row: Row, error: str, num_prompt_tokens: int, schema: OutputSchema) -> JobFailed | None:
         """Record or skip a bad row; under on_error: fail, return the error that will stop the job."""
         if self.spec.on_error == "fail":
-            return JobFailed(f"row {row.id!r} ({self.reader.shards[row.shard].name}, row {row.index}): {error}\n"
+            return JobFailed(f"row {row.id!r} ({self.reader.where(row.shard, row.index)}): {error}\n"
                              "on_error is fail: the job stopped before generating that row's window; "
                              "rows finished before it are committed")
         if self.spec.on_error == "skip":

@@ -2,19 +2,27 @@
 
 The schema is fixed before the first part is written and stored in the manifest, because every
 part must have the same schema for pyarrow.dataset and datasets.load_dataset to read the output as
-one table. Parquet and HF inputs declare their column types; JSONL does not, so the types of kept
-columns are inferred once from the first window.
+one table. Parquet and HF inputs declare their column types; JSONL does not, so the reader profiles
+every row of the input before the first part and columns.py decides each kept column's storage from
+all of them: values that disagree in type are kept as JSON text, never nulled or changed.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
 
+from batchgen.job.columns import (
+    ColumnProfile,
+    column_field,
+    is_json_field,
+    source_key,
+    storage_name,
+    to_json_text,
+)
 from batchgen.job.planner import Planned
 from batchgen.job.reader import Row
 from batchgen.job.spec import OUTPUT_COLUMNS, JobSpec
@@ -31,6 +39,8 @@ _LOGPROB_ENTRY = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32()),
 class OutputSchema:
     def __init__(self, kept: pa.Schema, list_output: bool, with_logprobs: bool):
         self.kept = kept
+        # (output name, input key): they differ only for a key that is not valid Unicode (column_field).
+        self._kept_sources = [(f.name, source_key(f)) for f in kept]
         self.list_output = list_output
         self.with_logprobs = with_logprobs
         text = pa.list_(pa.string()) if list_output else pa.string()
@@ -75,12 +85,14 @@ class OutputSchema:
 
     def _base(self, row: Row) -> dict[str, Any]:
         record = {"id": row.id, "error": None, "_shard_index": row.shard, "_row_index": row.index}
-        for name in self.kept.names:
-            record[name] = row.data.get(name)
+        for name, source in self._kept_sources:
+            record[name] = row.data.get(source)
         return record
 
     def table(self, records: list[dict[str, Any]]) -> pa.Table:
-        return pa.table([_to_array([r.get(f.name) for r in records], f) for f in self.arrow], schema=self.arrow)
+        kept = set(self.kept.names)
+        return pa.table([_to_array([r.get(f.name) for r in records], f, kept=f.name in kept) for f in self.arrow],
+                        schema=self.arrow)
 
     # ---- persistence (the manifest keeps it so that a resumed run writes the same schema) -------
 
@@ -98,8 +110,13 @@ def _kept_schema(spec: JobSpec, input_schema: pa.Schema | None, rows: list[Row])
     keep = spec.output.keep_columns
     if keep == "none":
         return pa.schema([])
+    if input_schema is None:  # no reader profile at hand (in-process callers): decide from these rows alone
+        profile = ColumnProfile()
+        for r in rows:
+            profile.add(r.data)
+        input_schema = profile.schema()
     if keep == "all":
-        names = input_schema.names if input_schema is not None else _keys_in_order(r.data for r in rows)
+        names = input_schema.names
         dropped = [n for n in names if n in OUTPUT_COLUMNS and n != spec.input.id_column]
         if dropped:
             logger.warning("input columns %s are not passed through: output columns have those names", dropped)
@@ -107,43 +124,34 @@ def _kept_schema(spec: JobSpec, input_schema: pa.Schema | None, rows: list[Row])
         names = [n for n in names if n not in OUTPUT_COLUMNS and n != spec.input.id_column]
     else:
         names = list(keep)
-    fields = []
-    for name in names:
-        if input_schema is not None and name in input_schema.names:
-            typ = input_schema.field(name).type
-        else:
-            typ = pa.array([r.data.get(name) for r in rows]).type
-            typ = pa.string() if pa.types.is_null(typ) else typ  # all null so far: text is the likeliest
-        fields.append(pa.field(name, typ))
-    return pa.schema(fields)
+    return pa.schema([input_schema.field(n) if n in input_schema.names else column_field(n, pa.string())
+                      for n in names])
 
 
-def _keys_in_order(dicts: Iterable[dict[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {}
-    for d in dicts:
-        seen.update(dict.fromkeys(d))
-    return list(seen)
+def kept_storage(schema: OutputSchema) -> dict[str, str]:
+    """{kept column: how it is stored} (e.g. "JSON text", "int64"), for validate and stats.json."""
+    return {f.name: storage_name(f) for f in schema.kept}
 
 
-def _to_array(values: list[Any], f: pa.Field) -> pa.Array:
+def _to_array(values: list[Any], f: pa.Field, kept: bool = False) -> pa.Array:
+    if is_json_field(f):
+        return pa.array([to_json_text(v) for v in values], type=f.type)
     try:
         return pa.array(values, type=f.type)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
-        pass
-    # A JSONL value that does not fit the type inferred from the first window: null it rather than
-    # lose the whole part, and say so.
-    fitted = [v if _fits(v, f.type) else None for v in values]
-    logger.warning("column %r: %d value(s) do not fit its type %s and were written as null",
-                   f.name, sum(1 for a, b in zip(values, fitted, strict=True) if a is not None and b is None), f.type)
-    return pa.array(fitted, type=f.type)
-
-
-def _fits(value: Any, typ: pa.DataType) -> bool:
-    try:
-        pa.array([value], type=typ)
-        return True
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
-        return False
+    except UnicodeEncodeError:
+        if kept or not pa.types.is_string(f.type):
+            raise
+        # Text the job writes itself (an id, an error quoting the row) may hold a lone surrogate: escape it.
+        return pa.array([v.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(v, str) else v
+                         for v in values], type=f.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as e:
+        if not kept:
+            raise
+        # The storage was decided from every input row (columns.py), so a value that does not fit means
+        # the input is not what it was then. Never null it: stop and say so.
+        raise ValueError(f"kept column {f.name!r}: a value does not fit its stored type {f.type} ({e}); the "
+                         "input changed since the output schema was fixed. Restore it, or start over with "
+                         "--force") from None
 
 
 def _logprob_entries(completion: CompletionOutput, k: int) -> list[dict[str, Any]]:

@@ -12,15 +12,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchgen.job.columns import is_json_field, source_key, storage_name
 from batchgen.job.fingerprint import fingerprint_diff, job_fingerprint
 from batchgen.job.manifest import job_totals
 from batchgen.job.outdir import JobOutput
 from batchgen.job.planner import Planner
 from batchgen.job.reader import Reader
+from batchgen.job.schema import OutputSchema
 from batchgen.job.shards import Shard, resolve_shards
-from batchgen.job.spec import JobSpec
+from batchgen.job.spec import OUTPUT_COLUMNS, JobSpec
 
 _MAX_EXAMPLES = 10
+_LATER = {"record": "error rows", "skip": "skipped", "fail": "bad rows: the run stops at the first"}
 MiB = 1 << 20
 
 
@@ -38,6 +41,9 @@ class Validation:
     output: str = ""  # what a run would do with output.path
     adapter_rows: Counter = field(default_factory=Counter)  # good rows per LoRA adapter (None: the base model)
     missing_adapters: list[str] = field(default_factory=list)
+    kept: list[tuple[str, str, str | None]] = field(default_factory=list)  # (column, storage, why JSON text)
+    duplicate_rows: int = 0  # rows whose id an earlier row has (error rows in a run)
+    not_kept: list[str] = field(default_factory=list)  # input columns named like output columns
 
     @property
     def ok(self) -> bool:
@@ -52,6 +58,16 @@ class Validation:
             lines.append(f"  bad row {row_id}: {error}")
         if self.bad_rows > len(self.bad_examples):
             lines.append(f"  ... and {self.bad_rows - len(self.bad_examples)} more")
+        if self.duplicate_rows:
+            lines.append(f"duplicate ids: {self.duplicate_rows} row(s) repeat the id of an earlier row; the first "
+                         f"row with an id is generated, the later ones are {_LATER[self.spec.on_error]}")
+        if self.kept:
+            lines.append("kept columns, as the output stores them:")
+            width = max(len(name) for name, _, _ in self.kept)
+            for name, storage, kinds in self.kept:
+                lines.append(f"  {name:<{width}}  {storage}" + (f" (values: {kinds})" if kinds else ""))
+        if self.not_kept:
+            lines.append(f"not kept (output columns have these names): {', '.join(self.not_kept)}")
         if self.prompt_tokens:
             p = sorted(self.prompt_tokens)
             lines.append(f"prompt tokens: min {p[0]}, median {p[len(p) // 2]}, max {p[-1]} "
@@ -95,11 +111,23 @@ def validate_job(spec: JobSpec) -> Validation:
             report.prompt_tokens.append(n)
             report.adapter_rows[item.lora] += 1
             report.kv_tokens.append(min(n + budget, max_model_len) + (item.params.n - 1) * budget)
+    report.duplicate_rows = len(reader.duplicates())
+    report.kept = kept_columns(spec, reader)
+    if spec.output.keep_columns == "all":
+        report.not_kept = [n for n in reader.arrow_schema().names if n in OUTPUT_COLUMNS and n != spec.input.id_column]
     report.output = _output_state(spec, shards)
     if spec.lora is not None:
         report.missing_adapters = [name for name, path in spec.lora.adapters.items()
                                    if "://" not in path and not os.path.exists(os.path.join(path, "adapter_config.json"))]
     return report
+
+
+def kept_columns(spec: JobSpec, reader: Reader) -> list[tuple[str, str, str | None]]:
+    """(column, storage, what values made it JSON text) for each column a run would keep."""
+    schema = OutputSchema.for_job(spec, reader.arrow_schema(), [])
+    profile = reader.column_profile
+    return [(f.name, storage_name(f), profile.describe(source_key(f)) if is_json_field(f) and profile else None)
+            for f in schema.kept]
 
 
 def kv_bytes_per_token(config: Any, dtype: str) -> int:

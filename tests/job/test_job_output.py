@@ -14,11 +14,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
+from batchgen.job.columns import decode_json_columns
 from batchgen.job.manifest import OutputDir, RowSet
 from batchgen.job.outputs import OutputError, merge_outputs, output_status, read_output
 from batchgen.job.planner import Planned
 from batchgen.job.reader import Row
-from batchgen.job.schema import OutputSchema
+from batchgen.job.schema import OutputSchema, kept_storage
 from batchgen.job.spec import JobSpec
 from batchgen.job.writer import PartWriter
 from batchgen.sampling import CompletionOutput, RequestOutput, SamplingParams
@@ -174,7 +175,7 @@ def test_commits_on_an_object_store_are_single_puts():
         fsspec.filesystem("memory").rm("/output-test", recursive=True)
 
 
-def test_schema_inference_for_jsonl_columns_and_misfit_values():
+def test_schema_inference_for_jsonl_columns_keeps_every_value():
     rows = [Row(0, 0, "a", {"id": "a", "topic": "x", "score": 1, "tags": ["t"], "empty": None, "error": "mine"}),
             Row(0, 1, "b", {"topic": "y", "score": 2.5, "late": True})]
     schema = OutputSchema.for_job(spec(), None, rows)
@@ -182,9 +183,13 @@ def test_schema_inference_for_jsonl_columns_and_misfit_values():
     # The id column is the output's id; a column named like an output column is not passed through.
     assert kept.names == ["topic", "score", "tags", "empty", "late"]
     assert kept.field("score").type == pa.float64() and kept.field("empty").type == pa.string()
+    assert kept_storage(schema)["tags"] == "JSON text" and kept_storage(schema)["late"] == "bool"
+    table = schema.table([schema.failure(r, "boom") for r in rows])
+    assert decode_json_columns(table)[0]["tags"] == ["t"] and table["score"].to_pylist() == [1.0, 2.5]
+    # A value the rows it was decided from never showed is refused, never written as null.
     later = Row(0, 2, "c", {"topic": {"not": "a string"}, "score": 3})
-    table = schema.table([schema.failure(later, "boom")])
-    assert table.to_pylist()[0]["topic"] is None and table.to_pylist()[0]["score"] == 3.0
+    with pytest.raises(ValueError, match="kept column 'topic'"):
+        schema.table([schema.failure(later, "boom")])
     assert OutputSchema.from_json(json.loads(json.dumps(schema.to_json()))).arrow == schema.arrow
 
     chosen = OutputSchema.for_job(spec(keep_columns=["score"]), None, rows)

@@ -64,10 +64,22 @@ def test_good_rows_are_sorted_by_token_prefix_and_bad_rows_come_first(tokenizer)
     (row(0, prompt="x", n=2), "n=2 needs sampling.n > 1 in the job file"),
     (row(0, prompt="x", logprobs=3), "logprobs needs sampling.logprobs in the job file"),
     (row(0, error="line 1: malformed JSON: ..."), "line 1: malformed JSON: ..."),
+    # Values SamplingParams would take but the engine cannot run.
+    (row(0, prompt="x", max_tokens=True), "per-row max_tokens=True is invalid: must be an int64"),
+    (row(0, prompt="x", seed=2**70), "per-row seed=1180591620717411303424 is invalid: must be an int64"),
+    (row(0, prompt="x", temperature=float("nan")), "per-row temperature=nan is invalid: must be a finite number"),
+    (row(0, prompt="x", ignore_eos="yes"), "per-row ignore_eos='yes' is invalid: must be true or false"),
+    # Text the tokenizer refuses fails its own row, not the window's batched call.
+    (row(0, prompt="broken \ud800 text"), "the prompt cannot be tokenized"),
 ])
 def test_bad_rows_get_an_explaining_error(tokenizer, bad, message):
     (planned,) = Planner(tokenizer, 512, job()).plan([bad])
     assert planned.error is not None and message in planned.error
+
+
+def test_an_untokenizable_row_does_not_fail_its_neighbours(tokenizer):
+    planned = Planner(tokenizer, 512, job()).plan([row(0, prompt="fine"), row(1, prompt="\udc00"), row(2, prompt="ok")])
+    assert {p.row.index: p.error is None for p in planned} == {0: True, 1: False, 2: True}
 
 
 def test_per_row_sampling_overrides(tokenizer):
