@@ -205,10 +205,6 @@ class Engine:
     def _max_model_len(self, num_blocks: int) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 4096
         length = self.config.max_model_len or limit
-        window = getattr(self.hf_config, "sliding_window", None)
-        if window and getattr(self.hf_config, "use_sliding_window", True) and length > window:
-            raise ValueError(f"max_model_len {length} exceeds the model's sliding window {window}, which "
-                             f"batchgen does not implement; set max_model_len <= {window}")
         capacity = num_blocks * self.block_size
         if length > capacity:
             logger.warning("max_model_len %d capped to the KV pool's %d tokens", length, capacity)

@@ -19,6 +19,9 @@ ARCHS = {
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
     "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                          shared_expert_intermediate_size=48, norm_topk_prob=False)),
+    "mistral_window": ("MistralConfig", dict(sliding_window=8, tie_word_embeddings=False)),
+    "qwen2_window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=12, max_window_layers=1,
+                                         tie_word_embeddings=True)),
 }
 
 
