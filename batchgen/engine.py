@@ -19,7 +19,7 @@ from batchgen.detokenizer import IncrementalDetokenizer
 from batchgen.exec.model_runner import ModelRunner
 from batchgen.models.loader import iter_safetensors, pick_dtype, read_eos_token_ids, resolve_model
 from batchgen.models.packed_linear import can_pack
-from batchgen.models.registry import model_class
+from batchgen.models.registry import language_model_config, model_class
 from batchgen.request import Request
 from batchgen.sampling import CompletionOutput, RequestOutput, SamplingParams
 from batchgen.sched.output import SchedulerOutput
@@ -56,7 +56,7 @@ class Engine:
         from transformers import AutoConfig, AutoTokenizer
 
         self.model_dir = resolve_model(config.model)
-        self.hf_config = AutoConfig.from_pretrained(self.model_dir)
+        self.hf_config = language_model_config(AutoConfig.from_pretrained(self.model_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or self.model_dir)
         self.eos_token_ids = read_eos_token_ids(self.model_dir, self.hf_config)
         self.vocab_size = self.hf_config.vocab_size

@@ -22,6 +22,12 @@ ARCHS = {
     "mistral_window": ("MistralConfig", dict(sliding_window=8, tie_word_embeddings=False)),
     "qwen2_window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=12, max_window_layers=1,
                                          tie_word_embeddings=True)),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=16,
+                                        sliding_window_pattern=3, rope_local_base_freq=10000.0, rope_theta=1e6,
+                                        rope_scaling={"rope_type": "linear", "factor": 4.0},
+                                        final_logit_softcapping=4.0)),
 }
 
 

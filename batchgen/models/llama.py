@@ -80,6 +80,7 @@ class Attention(nn.Module):
         self.lora = None  # batchgen.lora.layers.LayerLoRA when adapters are loaded: y = lora(x, y, projection)
         self.attention_fn = paged_attention  # the attention backend; the engine may swap in Triton's
         self.window = 0  # sliding-window size of this layer (0: full attention); set by the model
+        self.softcap = 0.0  # attention-logit softcap (Gemma 2; 0: none); set by the model
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -99,7 +100,8 @@ class Attention(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
         fused.rotary_(q, k, *rope)  # in place: q and k are views of this step's fresh qkv
-        o = self.attention_fn(q, k, v, kv_cache, meta, self.scale, window=self.window)  # [tokens, heads, head_dim]
+        o = self.attention_fn(q, k, v, kv_cache, meta, self.scale, window=self.window,
+                              softcap=self.softcap)  # [tokens, heads, head_dim]
         o = o.reshape(t, self.q_size)
         return self.o_proj(o) if self.lora is None else self.lora(o, self.o_proj(o), "o_proj")
 
