@@ -75,10 +75,12 @@ def fused_moe_torch(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, n
         if n:
             ys[start:start + n] = down(e, silu_mul(gate_up(e, xs[start:start + n])))
         start += n
-    ys = ys.float() * weights.reshape(-1)[order].unsqueeze(1)  # routed weight, fp32 as HF
-    out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
-    out.index_add_(0, token, ys)
-    return out.to(x.dtype)
+    # Back to (token, pick) order by the inverse permutation (a gather: no scatter-add), then the
+    # routed weights and the sum over picks in fp32, in pick order.
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    y = ys.index_select(0, inverse).view(t, k, -1).float()  # [t, k, hidden]
+    return torch.bmm(weights.float().unsqueeze(1), y).squeeze(1).to(x.dtype)  # sum_j w[t, j] * y[t, j]
 
 
 def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int):
