@@ -28,6 +28,11 @@ ARCHS = {
                                         sliding_window_pattern=3, rope_local_base_freq=10000.0, rope_theta=1e6,
                                         rope_scaling={"rope_type": "linear", "factor": 4.0},
                                         final_logit_softcapping=4.0)),
+    "phi3": ("Phi3Config", dict(partial_rotary_factor=0.5, tie_word_embeddings=False)),
+    # longrope: rotary_dim 8 -> 4 factors; contexts past 32 switch a row to the long factors
+    "phi3_longrope": ("Phi3Config", dict(partial_rotary_factor=0.5, original_max_position_embeddings=32,
+                                         rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.3, 2.0, 3.0],
+                                                       "long_factor": [1.5, 3.0, 6.0, 12.0]})),
 }
 
 

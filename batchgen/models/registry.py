@@ -7,6 +7,7 @@ from torch import nn
 from batchgen.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from batchgen.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from batchgen.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+from batchgen.models.phi3 import Phi3ForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -18,7 +19,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
-    "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,  # its language model (engine reads text_config)
+    "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,  # its language model (engine reads text_config)
 }
 
 
@@ -26,7 +28,8 @@ MODELS: dict[str, type[nn.Module]] = {
 MODEL_TYPES = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM,
                "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM,
                "mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM,
-               "gemma2": Gemma2ForCausalLM, "gemma3_text": Gemma3ForCausalLM}
+               "gemma2": Gemma2ForCausalLM, "gemma3_text": Gemma3ForCausalLM,
+               "phi3": Phi3ForCausalLM}
 
 
 def model_class(config) -> type[nn.Module]:
