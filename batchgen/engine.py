@@ -138,7 +138,7 @@ class Engine:
         from transformers import AutoConfig
 
         draft_dir = resolve_model(self.speculative.draft_model)
-        draft_config = AutoConfig.from_pretrained(draft_dir)
+        draft_config = language_model_config(AutoConfig.from_pretrained(draft_dir))
         if draft_config.vocab_size != self.vocab_size:
             raise ValueError(f"draft model {self.speculative.draft_model!r} has vocab_size {draft_config.vocab_size}, "
                              f"the target {self.vocab_size}: a draft must share the target's tokenizer")

@@ -84,20 +84,23 @@ def fused_moe_torch(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, n
 
 
 def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int):
-    """The Triton path's row layout: (sorted_rows [padded]: flat (token, pick) row per slot, padded
-    per expert to a multiple of block_m with tokens * k (out of range); block_expert [padded // block_m]:
-    the expert of each row tile). Computed with torch ops on the ids' device, no host sync but one."""
+    """The Triton path's row layout: (sorted_rows [tiles * block_m]: the flat (token, pick) row of each
+    slot, each expert's rows padded to a multiple of block_m, pad slots = tokens * k (out of range);
+    block_expert [tiles]: the expert of each row tile). The tile count is the bound
+    cdiv(tokens * k + experts * (block_m - 1), block_m), known without reading the ids: no host sync,
+    so the forward can be captured in a CUDA graph; tiles past the real ones hold only pad slots."""
     order, counts = sort_by_expert(ids, num_experts)
     padded = (counts + block_m - 1) // block_m * block_m  # [experts]
     pad_end = torch.cumsum(padded, 0)
     pad_start = pad_end - padded
     start = torch.cumsum(counts, 0) - counts
-    total = int(pad_end[-1])
+    tiles = -(-(ids.numel() + num_experts * (block_m - 1)) // block_m)
     e_sorted = ids.reshape(-1)[order]  # [t * k] expert of each sorted row
     rank = torch.arange(order.numel(), device=ids.device) - start[e_sorted]  # row's index within its expert
-    sorted_rows = torch.full((total,), ids.numel(), dtype=torch.int64, device=ids.device)
+    sorted_rows = torch.full((tiles * block_m,), ids.numel(), dtype=torch.int64, device=ids.device)
     sorted_rows[pad_start[e_sorted] + rank] = order
-    block_expert = torch.repeat_interleave(torch.arange(num_experts, device=ids.device), padded // block_m)
+    tile_start = torch.arange(tiles, device=ids.device) * block_m
+    block_expert = torch.searchsorted(pad_end, tile_start, right=True).clamp_(max=num_experts - 1)
     return sorted_rows, block_expert
 
 

@@ -43,7 +43,9 @@ def test_gemma_matches_hf(arch, windows, gemma_dirs):
     ps += [list(range(10, 50)) + p for p in prompts(2, seed=22, max_len=20)]  # a shared prefix hits the cache
     hf = hf_model(model_dir)
     theirs = hf_greedy(model_dir, ps, MAX_NEW, model=hf)
-    for engine in (dict(), dict(max_num_batched_tokens=7), dict(num_kv_blocks=12, block_size=16, max_model_len=128)):
+    ngram = dict(speculative=dict(method="ngram", num_speculative_tokens=3, prompt_lookup_min=1, prompt_lookup_max=3))
+    for engine in (dict(), dict(max_num_batched_tokens=7), dict(num_kv_blocks=12, block_size=16, max_model_len=128),
+                   ngram):
         ours, stats, llm = _ours(model_dir, ps, **engine)
         assert [layer.self_attn.window for layer in llm.engine.model.layers] == windows
         assert_greedy_match(model_dir, ps, ours, theirs, hf_model=hf)

@@ -50,10 +50,13 @@ def test_moe_chunked_preempted_prefix_hits_match_hf(moe_dirs):
     ps += [ps[0][:40] + p for p in prompts(3, seed=6)]  # shared prefixes hit the cache
     hf = hf_model(model_dir)
     theirs = hf_greedy(model_dir, ps, MAX_NEW, model=hf)
-    for engine in (dict(max_num_batched_tokens=7), dict(num_kv_blocks=14, block_size=16, max_model_len=128)):
+    draft = dict(speculative=dict(method="draft", draft_model=model_dir, num_speculative_tokens=3))
+    for engine in (dict(max_num_batched_tokens=7), dict(num_kv_blocks=14, block_size=16, max_model_len=128), draft):
         ours, stats = _ours(model_dir, ps, **engine)
         assert_greedy_match(model_dir, ps, ours, theirs, hf_model=hf)
-        assert stats["preemptions"] > 0 or "max_num_batched_tokens" in engine
+        assert stats["preemptions"] > 0 or "num_kv_blocks" not in engine
+        if "speculative" in engine:  # the draft is the target itself: every proposal is accepted
+            assert stats["spec_acceptance_rate"] > 0.9
         assert stats["cached_prompt_tokens"] > 0
 
 

@@ -37,8 +37,9 @@ def test_align_by_expert_layout():
     ids = torch.tensor([[2, 0], [2, 1], [0, 2]])
     rows, block_expert = align_by_expert(ids, 4, block_m=2)
     # expert 0: rows 1, 4; expert 1: row 3 (+pad); expert 2: rows 0, 2, 5 (+pad); expert 3: none
-    assert rows.tolist() == [1, 4, 3, 6, 0, 2, 5, 6]
-    assert block_expert.tolist() == [0, 1, 2, 2]
+    assert rows.tolist()[:8] == [1, 4, 3, 6, 0, 2, 5, 6]
+    assert block_expert.tolist()[:4] == [0, 1, 2, 2]
+    assert set(rows.tolist()[8:]) <= {6}  # spare tiles (the bound needs no host sync) hold only padding
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
