@@ -136,3 +136,18 @@ def test_lora_attention_only_and_expert_targets_refused(moe_dirs, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(Exception, match="mixture of experts"):
         LLM(model_dir, dtype="float32", lora_adapters={"a": str(tmp_path / "lora")})
+
+
+def test_sharded_checkpoint_with_index(moe_dirs, tmp_path):
+    """save_pretrained's sharded layout (model.safetensors.index.json); a stray file is not read."""
+    import shutil
+
+    model_dir = moe_dirs("mixtral")
+    sharded = tmp_path / "sharded"
+    shutil.copytree(model_dir, sharded)
+    (sharded / "model.safetensors").unlink()
+    hf_model(model_dir).save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    save_file({"junk": torch.zeros(1)}, sharded / "stray.safetensors")
+    ps = prompts(3, seed=8)
+    assert _ours(str(sharded), ps)[0] == _ours(model_dir, ps)[0]

@@ -46,3 +46,13 @@ def test_layer_windows_from_configs():
     assert layer_windows(Qwen2Config(num_hidden_layers=3, sliding_window=64)) == [0, 0, 0]  # use_sliding_window off
     assert layer_windows(Qwen2Config(num_hidden_layers=3, use_sliding_window=True, sliding_window=64,
                                      max_window_layers=1)) == [0, 64, 64]
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    from types import SimpleNamespace
+
+    from batchgen.models.registry import model_class
+
+    with pytest.raises(ValueError, match=r"unsupported architecture \['FalconForCausalLM'\].*Qwen3MoeForCausalLM.*"
+                                         r"Gemma3ForCausalLM.*Phi3ForCausalLM"):
+        model_class(SimpleNamespace(architectures=["FalconForCausalLM"], model_type="falcon"))
