@@ -8,6 +8,10 @@ the sort by expert, the gather / scatter of rows and smaller GEMMs. Reported: me
 call at a decode batch (64 tokens) and a prefill chunk (512 tokens), and MoE / dense (target <= 1.5x).
 
     python -m benchmarks.moe_layer [--quick] [--dtype bfloat16]
+
+On a shared, oversubscribed machine run it with OMP_NUM_THREADS=1: with two threads every parallel
+region waits for a descheduled peer now and then, and the MoE layer (about ten times as many ops as
+the dense one) pays that wait ten times as often, which swamps the comparison.
 """
 
 from __future__ import annotations
