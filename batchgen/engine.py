@@ -19,7 +19,7 @@ from batchgen.detokenizer import IncrementalDetokenizer
 from batchgen.exec.model_runner import ModelRunner
 from batchgen.models.loader import iter_safetensors, pick_dtype, read_eos_token_ids, resolve_model
 from batchgen.models.packed_linear import can_pack
-from batchgen.models.registry import model_class
+from batchgen.models.registry import language_model_config, model_class
 from batchgen.request import Request
 from batchgen.sampling import CompletionOutput, RequestOutput, SamplingParams
 from batchgen.sched.output import SchedulerOutput
@@ -56,7 +56,7 @@ class Engine:
         from transformers import AutoConfig, AutoTokenizer
 
         self.model_dir = resolve_model(config.model)
-        self.hf_config = AutoConfig.from_pretrained(self.model_dir)
+        self.hf_config = language_model_config(AutoConfig.from_pretrained(self.model_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or self.model_dir)
         self.eos_token_ids = read_eos_token_ids(self.model_dir, self.hf_config)
         self.vocab_size = self.hf_config.vocab_size
@@ -138,7 +138,7 @@ class Engine:
         from transformers import AutoConfig
 
         draft_dir = resolve_model(self.speculative.draft_model)
-        draft_config = AutoConfig.from_pretrained(draft_dir)
+        draft_config = language_model_config(AutoConfig.from_pretrained(draft_dir))
         if draft_config.vocab_size != self.vocab_size:
             raise ValueError(f"draft model {self.speculative.draft_model!r} has vocab_size {draft_config.vocab_size}, "
                              f"the target {self.vocab_size}: a draft must share the target's tokenizer")
@@ -205,10 +205,6 @@ class Engine:
     def _max_model_len(self, num_blocks: int) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 4096
         length = self.config.max_model_len or limit
-        window = getattr(self.hf_config, "sliding_window", None)
-        if window and getattr(self.hf_config, "use_sliding_window", True) and length > window:
-            raise ValueError(f"max_model_len {length} exceeds the model's sliding window {window}, which "
-                             f"batchgen does not implement; set max_model_len <= {window}")
         capacity = num_blocks * self.block_size
         if length > capacity:
             logger.warning("max_model_len %d capped to the KV pool's %d tokens", length, capacity)

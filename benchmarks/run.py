@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import moe_layer
 from benchmarks import workloads as W
 
 PEERS = ("batchgen", "batchgen-no-cache", "hf-static", "hf-batch")
@@ -65,7 +66,7 @@ def run_one(peer: str, workload: str, quick: bool, dtype: str) -> dict:
 
 
 def main(quick: bool = False, out: str = "bench-results", dtype: str = "bfloat16",
-         workloads: tuple[str, ...] = ("W1", "W2", "W3", "D", "W4", "W5-b1", "W5-b64")) -> list[dict]:
+         workloads: tuple[str, ...] = ("W1", "W2", "W3", "D", "W4", "W5-b1", "W5-b64", "W7")) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from benchmarks.peers import DTYPES
     from benchmarks.roofline import gemm_peak_flops
@@ -74,6 +75,15 @@ def main(quick: bool = False, out: str = "bench-results", dtype: str = "bfloat16
     print(f"GEMM peak ({dtype}, 2048^3) on {device}: {peak / 1e9:.0f} GFLOP/s", flush=True)
     results = []
     for wl in workloads:
+        if wl == "W7":  # a layer micro-benchmark, in its own process like the others
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.moe_layer", "--dtype", dtype] +
+                                  (["--quick"] if quick else []), capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"W7: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print("\n".join(moe_layer.report_lines(results[-1])), flush=True)
+            continue
         for peer in WORKLOAD_PEERS.get(wl, PEERS):
             cmd = [sys.executable, "-m", "benchmarks.run", "--one", peer, wl, "--dtype", dtype] + \
                   (["--quick"] if quick else [])
@@ -103,6 +113,8 @@ def _report(results: list[dict], peak: float, dtype: str, device, quick: bool) -
              "| workload | peer | out tok/s | total tok/s | wall s | peak RSS MiB | batchgen / peer | MFU | notes |",
              "|---|---|---|---|---|---|---|---|---|"]
     by = {(r["workload"], r["peer"]): r for r in results if "error" not in r}
+    layer_results = [r for r in results if r.get("peer") == "moe-layer"]
+    results = [r for r in results if r.get("peer") != "moe-layer"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['workload']} | {r['peer']} | failed | | | | | | |")
@@ -125,6 +137,8 @@ def _report(results: list[dict], peak: float, dtype: str, device, quick: bool) -
             notes = f"best batch size {r['batch_size']}"
         lines.append(f"| {r['workload']} | {r['peer']} | {r['output_tok_s']:.1f} | {r['total_tok_s']:.1f} | "
                      f"{r['wall']:.1f} | {r['peak_rss_mib']:.0f} | {ratio} | {mfu} | {notes} |")
+    for r in layer_results:
+        lines += ["", *moe_layer.report_lines(r)]
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,8 @@
 Semantics, per row r and query head h (one query token per row; kv head = h // (heads / kv_heads)):
     K_r = the first ctx_lens[r] tokens of row r's blocks, read in place from the paged cache
     out[r, h] = softmax(q[r, h] @ K_r[:, kv].T * scale) @ V_r[:, kv]
+    window > 0 (sliding-window attention): only the last `window` keys count, positions > pos - window
+    where pos = ctx_lens[r] - 1 is the query's; window == 0: all of them.
 Shapes: q [rows, heads, head_dim]; k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim];
 block_tables [rows, max_blocks] int64; ctx_lens [rows] int64; out [rows, heads, head_dim].
 
@@ -27,7 +29,7 @@ _SOURCE = r"""
 template <typename T, int D>
 static void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                   const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale,
-                                  torch::Tensor& out) {
+                                  int64_t window, torch::Tensor& out) {
   const int64_t rows = q.size(0), heads = q.size(1), d = D > 0 ? D : q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
   const int64_t group = heads / kv_heads, max_blocks = block_tables.size(1);
@@ -70,13 +72,15 @@ static void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k
           for (; h < h1; ++h) scores[h * ctx + t] = dot(qf.data() + h * d, kf.data() + kv_offset[h], d);
         }
       }
+      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;  // sliding window: older keys get 0
       for (int64_t h = h0; h < h1; ++h) {
         float* sh = scores.data() + h * ctx;
         float m = -INFINITY, sum = 0.f;
-        for (int64_t t = 0; t < ctx; ++t) m = std::max(m, sh[t]);
-        for (int64_t t = 0; t < ctx; ++t) { sh[t] = std::exp(sh[t] - m); sum += sh[t]; }
+        for (int64_t t = 0; t < first; ++t) sh[t] = 0.f;
+        for (int64_t t = first; t < ctx; ++t) m = std::max(m, sh[t]);
+        for (int64_t t = first; t < ctx; ++t) { sh[t] = std::exp(sh[t] - m); sum += sh[t]; }
         const float inv = 1.f / sum;
-        for (int64_t t = 0; t < ctx; ++t) sh[t] *= inv;
+        for (int64_t t = first; t < ctx; ++t) sh[t] *= inv;
       }
       std::fill(acc.begin() + h0 * d, acc.begin() + h1 * d, 0.f);
       for (int64_t b = 0, t = 0; t < ctx; ++b) {
@@ -98,16 +102,16 @@ static void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k
 }
 
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                               torch::Tensor block_tables, torch::Tensor ctx_lens, double scale) {
+                               torch::Tensor block_tables, torch::Tensor ctx_lens, double scale, int64_t window) {
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
   auto out = torch::empty_like(q);
   auto tables = block_tables.to(torch::kInt64).contiguous();
   auto lens = ctx_lens.to(torch::kInt64).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
     switch (q.size(2)) {
-      case 64: decode_attention_impl<scalar_t, 64>(q, k_cache, v_cache, tables, lens, scale, out); break;
-      case 128: decode_attention_impl<scalar_t, 128>(q, k_cache, v_cache, tables, lens, scale, out); break;
-      default: decode_attention_impl<scalar_t, 0>(q, k_cache, v_cache, tables, lens, scale, out);
+      case 64: decode_attention_impl<scalar_t, 64>(q, k_cache, v_cache, tables, lens, scale, window, out); break;
+      case 128: decode_attention_impl<scalar_t, 128>(q, k_cache, v_cache, tables, lens, scale, window, out); break;
+      default: decode_attention_impl<scalar_t, 0>(q, k_cache, v_cache, tables, lens, scale, window, out);
     }
   });
   return out;
@@ -117,11 +121,11 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
 load = lazy_build("batchgen_cpu_decode_attention", _SOURCE, ["decode_attention"])
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale: float) -> torch.Tensor:
-    return load().decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale)
+def decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, window: int = 0) -> torch.Tensor:
+    return load().decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale, int(window))
 
 
-def decode_attention_ref(q, k_cache, v_cache, block_tables, ctx_lens, scale: float) -> torch.Tensor:
+def decode_attention_ref(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, window: int = 0) -> torch.Tensor:
     rows, heads, d = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
@@ -132,6 +136,9 @@ def decode_attention_ref(q, k_cache, v_cache, block_tables, ctx_lens, scale: flo
         v = v_cache[blocks].reshape(-1, kv_heads, d)[:ctx].float()
         k = k.repeat_interleave(heads // kv_heads, dim=1)  # [ctx, heads, d]
         v = v.repeat_interleave(heads // kv_heads, dim=1)
-        p = torch.einsum("hd,thd->ht", q[r].float() * scale, k).softmax(-1)
+        s = torch.einsum("hd,thd->ht", q[r].float() * scale, k)
+        if window > 0:
+            s[:, :max(0, ctx - window)] = float("-inf")
+        p = s.softmax(-1)
         out[r] = torch.einsum("ht,thd->hd", p, v).to(q.dtype)
     return out

@@ -8,6 +8,8 @@ Semantics (per row r, per query head h, with group = heads // kv_heads):
     query i (token s + i) sits at position p = ctx - q_len + i and attends keys 0..p:
     out[s + i, h] = softmax(scale * q[s + i, h] . K[0..p, h // group]) @ V[0..p, h // group]
 `ctx` counts the row's tokens already in the cache INCLUDING this step's (store_kv writes first).
+Options: window > 0 (sliding-window attention) keeps only keys at positions > p - window;
+softcap > 0 (Gemma 2) caps each scaled score as softcap * tanh(score / softcap) before the softmax.
 Shapes:
     q             # [tokens, heads, head_dim] (any strides)
     kv_cache      # [2, num_blocks, block_size, kv_heads, head_dim], K then V
@@ -52,8 +54,8 @@ def _row_of_tile(cu_q_ptr, tile, num_rows, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kvh_off, pos, n_valid, keep, d, d_valid,
-                 qk_scale, stride_cb, stride_co, stride_cd,
-                 PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                 qk_scale, softcap, stride_cb, stride_co, stride_cd,
+                 PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr):
     """One tile of keys at positions `pos` [BLOCK_N] (valid where n_valid) into the online softmax of
     queries q [M, BLOCK_D] (log2 domain): scores where `keep` [M, BLOCK_N] is False count as -inf.
     Returns the updated running max m_i [M], sum l_i [M] and accumulator acc [M, BLOCK_D]."""
@@ -64,6 +66,9 @@ def _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kvh_off, po
     if UPCAST:  # the interpreter multiplies bf16 as raw bits: dot in fp32 there
         k = k.to(tl.float32)
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    if SOFTCAP:  # qk_scale carries log2(e): cap the natural-log score, then back to log2
+        x = s * (0.6931471805599453 / softcap)
+        s = (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * (softcap * 1.4426950408889634)  # softcap * tanh(x)
     s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_new = tl.where(m_new > float("-inf"), m_new, 0.0)  # a query that has seen no key yet
@@ -80,14 +85,14 @@ def _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kvh_off, po
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, ctx_ptr, bt_ptr, qk_scale, num_rows,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, ctx_ptr, bt_ptr, qk_scale, softcap, window, num_rows,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
     stride_cb, stride_co, stride_ch, stride_cd,
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Rows with q_len > 1. Grid (tokens // BLOCK_Q + rows, kv_heads): enough query tiles for every
     row without a host-side look at the row lengths (row r owns tiles cu_q[r] // BLOCK_Q + r ...,
@@ -124,13 +129,16 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = bt_ptr + row.to(tl.int64) * stride_bt
     kvh_off = kvh.to(tl.int64) * stride_ch
-    for start in range(0, kv_end, BLOCK_N):
+    # Sliding window: keys older than the window of the tile's first query are never read.
+    kv_lo = tl.where(window > 0, tl.maximum(ctx - q_len + q_tile * BLOCK_Q - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
+    for start in range(kv_lo, kv_end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         n_valid = pos < kv_end
         keep = (pos[None, :] <= q_pos[:, None]) & n_valid[None, :]  # causal
+        keep = keep & ((pos[None, :] > q_pos[:, None] - window) | (window == 0))
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kvh_off, pos, n_valid,
-                                     keep, d, d_valid, qk_scale, stride_cb, stride_co, stride_cd,
-                                     PAGE, DOT_PRECISION, UPCAST)
+                                     keep, d, d_valid, qk_scale, softcap, stride_cb, stride_co, stride_cd,
+                                     PAGE, DOT_PRECISION, UPCAST, SOFTCAP)
     l_i = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
@@ -140,14 +148,14 @@ def _prefill_kernel(
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, cu_q_ptr, ctx_ptr, bt_ptr,
-    qk_scale, partition, num_splits, num_rows,
+    qk_scale, softcap, window, partition, num_splits, num_rows,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
     stride_cb, stride_co, stride_ch, stride_cd,
     stride_bt,
     HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Rows with q_len == 1. Grid (rows, kv_heads, num_splits); split s covers keys
     [s * partition, (s + 1) * partition). Without SPLIT it writes the output; with SPLIT, the
@@ -182,12 +190,13 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     bt_row = bt_ptr + row.to(tl.int64) * stride_bt
     kvh_off = kvh.to(tl.int64) * stride_ch
+    kv_lo = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)  # sliding window: the last `window` keys
     for start in range(kv_start, kv_end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         n_valid = pos < kv_end
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kvh_off, pos, n_valid,
-                                     n_valid[None, :], d, d_valid, qk_scale, stride_cb, stride_co, stride_cd,
-                                     PAGE, DOT_PRECISION, UPCAST)
+                                     (n_valid & (pos >= kv_lo))[None, :], d, d_valid, qk_scale, softcap,
+                                     stride_cb, stride_co, stride_cd, PAGE, DOT_PRECISION, UPCAST, SOFTCAP)
 
     if SPLIT:
         part = (row.to(tl.int64) * HEADS + head) * num_splits + split  # [BLOCK_G]
@@ -250,7 +259,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
                     context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, *,
                     max_q_len: int | None = None, max_context_len: int | None = None,
                     out: torch.Tensor | None = None, partition_size: int | None = None,
-                    block_m: int = 64, block_n: int | None = None, has_decode: bool = True) -> torch.Tensor:
+                    block_m: int = 64, block_n: int | None = None, has_decode: bool = True,
+                    window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """Causal paged attention of a mixed batch; see the module docstring.
 
     q [tokens, heads, head_dim]; kv_cache [2, num_blocks, block_size, kv_heads, head_dim];
@@ -260,6 +270,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
     block_m: query rows (queries x grouped heads) per prefill tile; block_n: keys per tile (None: 64,
     32 for fp32, whose tiles take twice the shared memory). has_decode=False: the caller knows no row
     has one query token, so the split-K kernels (and their scratch) are not launched.
+    window: sliding-window size (0: none); softcap: attention-logit softcap (0: none).
     Returns out [tokens, heads, head_dim].
     """
     tokens, heads, head_dim = q.shape
@@ -289,11 +300,12 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
         block_q = block_m // group
         grid = (tokens // block_q + rows, kv_heads)
         _prefill_kernel[grid](
-            q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, qk_scale, rows,
+            q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, qk_scale, float(softcap or 1.0),
+            int(window), rows,
             *common_strides,
             GROUP=group, HEAD_DIM=head_dim, PAGE=page,
             BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
-            DOT_PRECISION=precision, UPCAST=upcast,
+            DOT_PRECISION=precision, UPCAST=upcast, SOFTCAP=bool(softcap),
         )
 
     # Rows of one token: split-K. Launched whenever some row may have one query token; programs of
@@ -312,11 +324,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
         part_acc = part_ml = out  # unused
     _decode_kernel[(rows, kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_ml, cu_seqlens_q, context_lens, block_tables,
-        qk_scale, partition_size, num_splits, rows,
+        qk_scale, float(softcap or 1.0), int(window), partition_size, num_splits, rows,
         *common_strides,
         HEADS=heads, GROUP=group, HEAD_DIM=head_dim, PAGE=page,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        SPLIT=split, DOT_PRECISION=precision, UPCAST=upcast,
+        SPLIT=split, DOT_PRECISION=precision, UPCAST=upcast, SOFTCAP=bool(softcap),
     )
     if split:
         _merge_splits_kernel[(rows, heads)](
@@ -328,7 +340,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
 
 
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                        context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                        context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                        window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """Torch reference of `paged_attention`: a plain loop over rows, softmax in fp32."""
     _, heads, head_dim = q.shape
     _, _, page, kv_heads, _ = kv_cache.shape
@@ -344,8 +357,12 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: t
         k = kv_cache[0, blocks].reshape(-1, kv_heads, head_dim)[:ctx].float().repeat_interleave(group, 1)
         v = kv_cache[1, blocks].reshape(-1, kv_heads, head_dim)[:ctx].float().repeat_interleave(group, 1)
         scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), k) * scale  # [heads, q_len, ctx]
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         q_pos = ctx - q_len + torch.arange(q_len, device=q.device)
         visible = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, ctx]
+        if window:
+            visible &= torch.arange(ctx, device=q.device)[None, :] > q_pos[:, None] - window
         probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         out[s:e] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
     return out

@@ -8,6 +8,10 @@ chunk runs its own SDPA over its cached prefix plus itself, causal. The step's n
 reads its own keys from the same place as its prefix.
 
 KV cache per layer: [2, num_blocks, block_size, kv_heads, head_dim] (K then V).
+
+Per layer options: window > 0 (sliding-window attention) masks keys at positions <= pos - window;
+softcap > 0 (Gemma 2) caps the scaled scores as softcap * tanh(s / softcap), on a math path (SDPA
+has no softcap). The cache keeps every key: windowed layers leave their old blocks allocated.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [rows, max_blocks] int32, padded with block 0
     max_q_len: int = 0
     max_context_len: int = 0
+    # Masks of windowed layers, built on first use in a step: (group or chunk index, window) -> mask
+    window_masks: dict = field(default_factory=dict)
 
 
 def _sdpa(q, k, v, mask, scale, causal=False):
@@ -69,9 +75,45 @@ def _sdpa(q, k, v, mask, scale, causal=False):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal)
 
 
+def _math_attention(q, k, v, mask, scale, softcap):
+    """Softcapped attention. q: [..., kv_heads, rows, d] (rows: grouped heads or queries x heads);
+    k, v: [..., kv_heads, kv_len, d]; mask: broadcastable to the scores, bool, True = attend."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [..., kv_heads, rows, kv_len]
+    s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(s.softmax(-1, dtype=torch.float32).to(v.dtype), v)
+
+
+def _single_mask(g: SingleGroup, i: int, meta: AttentionMetadata, width: int, window: int, device):
+    """[rows, 1, 1, width] bool of one-token rows: their context, cut to the last `window` keys."""
+    key = ("single", i, window)
+    if key not in meta.window_masks:
+        j = torch.arange(width, device=device)
+        ctx = g.ctx_lens.to(device) if g.ctx_lens is not None else g.mask.reshape(g.end - g.start, -1).sum(-1)
+        keep = j[None, :] < ctx[:, None]
+        if window:
+            keep &= j[None, :] >= ctx[:, None] - window
+        meta.window_masks[key] = keep[:, None, None, :]
+    return meta.window_masks[key]
+
+
+def _chunk_mask(c: ChunkSegment, i: int, meta: AttentionMetadata, window: int, device):
+    """[q_len, ctx] bool of a chunk: causal, cut to each query's last `window` keys."""
+    key = ("chunk", i, window)
+    if key not in meta.window_masks:
+        pos = c.ctx_len - c.q_len + torch.arange(c.q_len, device=device)
+        j = torch.arange(c.ctx_len, device=device)
+        keep = j[None, :] <= pos[:, None]
+        if window:
+            keep &= j[None, :] > pos[:, None] - window
+        meta.window_masks[key] = keep
+    return meta.window_masks[key]
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]; returns [tokens, heads, d]."""
+                    meta: AttentionMetadata, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]; returns [tokens, heads, d].
+    window: sliding-window size (0: none); softcap: attention-logit softcap (0: none)."""
     _, num_blocks, block_size, kv_heads, d = kv_cache.shape
     heads = q.shape[1]
     k_cache, v_cache = kv_cache[0], kv_cache[1]
@@ -86,23 +128,37 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         return rows.view(*blocks.shape[:-1], blocks.shape[-1] * block_size, kv_heads, d)
 
     group = heads // kv_heads
-    for g in meta.single_groups:
-        if g.ctx_lens is not None:  # the C++ kernel reads K/V in place: no gathered copy
+    for i, g in enumerate(meta.single_groups):
+        if g.ctx_lens is not None and not softcap:  # the C++ kernel reads K/V in place: no gathered copy
             out[g.start:g.end] = cpu_decode_attention(q[g.start:g.end].contiguous(), k_cache, v_cache,
-                                                      g.block_tables, g.ctx_lens, scale)
+                                                      g.block_tables, g.ctx_lens, scale, window)
             continue
         n = g.end - g.start
         keys = gather(k_cache, g.block_tables).transpose(1, 2)  # [n, kv_heads, ctx, d]
         vals = gather(v_cache, g.block_tables).transpose(1, 2)
         # The query heads of one KV head attend as a group: no K/V expansion needed.
         qs = q[g.start:g.end].view(n, kv_heads, group, d)  # [n, kv_heads, group, d]
-        out[g.start:g.end] = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=g.mask,
-                                                           scale=scale).view(n, heads, d)
+        mask = g.mask if not (window or softcap) else _single_mask(g, i, meta, keys.shape[2], window, q.device)
+        if softcap:
+            o = _math_attention(qs, keys, vals, mask, scale, softcap)
+        else:
+            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale)
+        out[g.start:g.end] = o.view(n, heads, d)
 
-    for c in meta.chunks:
+    for i, c in enumerate(meta.chunks):
         keys = gather(k_cache, c.block_ids)[:c.ctx_len].transpose(0, 1)  # [kv_heads, ctx, d]
         vals = gather(v_cache, c.block_ids)[:c.ctx_len].transpose(0, 1)
         qc = q[c.q_start:c.q_start + c.q_len].transpose(0, 1)  # [heads, q_len, d]
+        if softcap or (window and c.ctx_len > window):
+            mask = _chunk_mask(c, i, meta, window, q.device)
+            if softcap:  # queries of a KV head's group side by side: [kv_heads, group * q_len, d]
+                qg = qc.reshape(kv_heads, group * c.q_len, d)
+                o = _math_attention(qg, keys, vals, mask.repeat(group, 1), scale, softcap)
+                out[c.q_start:c.q_start + c.q_len] = o.view(heads, c.q_len, d).transpose(0, 1)
+            else:
+                o = _sdpa(qc[None], keys[None], vals[None], mask, scale)[0]
+                out[c.q_start:c.q_start + c.q_len] = o.transpose(0, 1)
+            continue
         # 4-D ([1, heads, len, d]): with 3-D inputs torch's CPU SDPA takes the slow math path.
         o = _sdpa(qc[None], keys[None], vals[None], c.mask, scale, causal=c.mask is None)[0]
         out[c.q_start:c.q_start + c.q_len] = o.transpose(0, 1)

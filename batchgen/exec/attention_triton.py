@@ -26,15 +26,16 @@ def interpreted() -> bool:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]; returns [tokens, heads, d]."""
+                    meta: AttentionMetadata, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]; returns [tokens, heads, d].
+    window: sliding-window size (0: none); softcap: attention-logit softcap (0: none)."""
     if meta.cu_seqlens_q is None:
         raise ValueError("the Triton attention backend needs cu_seqlens_q / context_lens / block_tables in "
                          "AttentionMetadata: set ModelRunner.attention_backend = 'triton'")
     store_kv(k, v, kv_cache, meta.slot_mapping)
     return _paged_attention(q, kv_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, scale,
                             max_q_len=meta.max_q_len or None, max_context_len=meta.max_context_len or None,
-                            has_decode=meta.num_single > 0)
+                            has_decode=meta.num_single > 0, window=window, softcap=softcap)
 
 
 def use_triton_attention(model: torch.nn.Module) -> None:

@@ -55,12 +55,13 @@ class ProjectionDims:
     def of_model(cls, model) -> ProjectionDims:
         attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
         hidden = attn.qkv_proj.in_features
-        inter = mlp.down_proj.in_features
-        return cls(len(model.layers), {
-            "q_proj": (hidden, attn.q_size), "k_proj": (hidden, attn.kv_size), "v_proj": (hidden, attn.kv_size),
-            "o_proj": (attn.q_size, attn.o_proj.out_features),
-            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, mlp.down_proj.out_features),
-        })
+        dims = {"q_proj": (hidden, attn.q_size), "k_proj": (hidden, attn.kv_size), "v_proj": (hidden, attn.kv_size),
+                "o_proj": (attn.q_size, attn.o_proj.out_features)}
+        if getattr(model, "lora_mlp", True):  # False for mixture-of-experts models: attention only
+            inter = mlp.down_proj.in_features
+            dims.update({"gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+                         "down_proj": (inter, mlp.down_proj.out_features)})
+        return cls(len(model.layers), dims)
 
 
 @dataclass
@@ -106,6 +107,9 @@ def load_adapter(name: str, path: str, dims: ProjectionDims, max_rank: int) -> L
         if bad:
             raise fail(f"targets {bad}, which batchgen cannot apply; supported: {', '.join(TARGET_NAMES)}")
 
+    if isinstance(declared, (list, tuple)):
+        _check_mixture_of_experts(sorted({str(t).split(".")[-1] for t in declared}), dims, fail)
+
     tensors = _read_tensors(path, fail)
     alpha = cfg.get("lora_alpha", 8)
     alpha_pattern = cfg.get("alpha_pattern") or {}
@@ -126,6 +130,7 @@ def load_adapter(name: str, path: str, dims: ProjectionDims, max_rank: int) -> L
             raise fail(f"targets module {module!r}, which batchgen cannot apply; "
                        f"supported: {', '.join(TARGET_NAMES)} of the decoder layers")
         layer, target = int(lm[1]), lm[2]
+        _check_mixture_of_experts([target], dims, fail)
         if layer >= dims.num_layers:
             raise fail(f"{module!r} is layer {layer}, but the base model has {dims.num_layers} layers")
         if set(ab) != {"A", "B"}:
@@ -150,6 +155,13 @@ def load_adapter(name: str, path: str, dims: ProjectionDims, max_rank: int) -> L
         raise fail("contains no LoRA weights")
     return LoRAAdapter(name, path, max(a.shape[0] for a, _, _ in weights.values()),
                        {t for _, t in weights}, weights)
+
+
+def _check_mixture_of_experts(targets: list[str], dims: ProjectionDims, fail) -> None:
+    bad = [t for t in targets if t in TARGETS and t not in dims.dims]
+    if bad:
+        raise fail(f"targets {bad}, but the base model's MLP is a mixture of experts, where batchgen applies "
+                   f"LoRA to the attention projections only ({', '.join(dims.dims)})")
 
 
 def load_adapters(adapters: dict[str, str], dims: ProjectionDims, max_rank: int) -> dict[str, LoRAAdapter]:

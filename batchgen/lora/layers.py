@@ -91,6 +91,8 @@ class LoRAWeights:
         for fused, names in FUSED.items():
             offset = 0
             for name in names:
+                if name not in dims.dims:  # an MLP of experts: no LoRA there (ProjectionDims.of_model)
+                    continue
                 out_f = dims.dims[name][1]
                 if name in targets:
                     self.slices.setdefault(fused, []).append((name, offset, out_f))

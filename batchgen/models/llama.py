@@ -20,6 +20,7 @@ from torch import nn
 from batchgen.exec.attention import AttentionMetadata, paged_attention
 from batchgen.models import fused
 from batchgen.models.packed_linear import pack_linears, pack_weight, packed_linear
+from batchgen.models.sliding_window import layer_windows
 
 
 class RMSNorm(nn.Module):
@@ -78,6 +79,8 @@ class Attention(nn.Module):
         self.qk_norm = qk_norm
         self.lora = None  # batchgen.lora.layers.LayerLoRA when adapters are loaded: y = lora(x, y, projection)
         self.attention_fn = paged_attention  # the attention backend; the engine may swap in Triton's
+        self.window = 0  # sliding-window size of this layer (0: full attention); set by the model
+        self.softcap = 0.0  # attention-logit softcap (Gemma 2; 0: none); set by the model
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -97,7 +100,8 @@ class Attention(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
         fused.rotary_(q, k, *rope)  # in place: q and k are views of this step's fresh qkv
-        o = self.attention_fn(q, k, v, kv_cache, meta, self.scale)  # [tokens, heads, head_dim]
+        o = self.attention_fn(q, k, v, kv_cache, meta, self.scale, window=self.window,
+                              softcap=self.softcap)  # [tokens, heads, head_dim]
         o = o.reshape(t, self.q_size)
         return self.o_proj(o) if self.lora is None else self.lora(o, self.o_proj(o), "o_proj")
 
@@ -154,6 +158,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias, o_bias, self.qk_norm)
                                     for _ in range(config.num_hidden_layers))
+        for layer, window in zip(self.layers, layer_windows(config)):
+            layer.self_attn.window = window
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:

@@ -94,10 +94,13 @@ def _convert_gguf(gguf: Path, cache_name: str) -> str:
 
 
 def read_model_config(name: str):
-    """The transformers config of a model, without loading weights."""
+    """The transformers config of a model (its language model's, for a multimodal one), without
+    loading weights."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve_model(name))
+    from batchgen.models.registry import language_model_config
+
+    return language_model_config(AutoConfig.from_pretrained(resolve_model(name)))
 
 
 def load_tokenizer(name: str):
@@ -123,7 +126,16 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from every *.safetensors shard of a directory, one tensor at a time."""
     from safetensors import safe_open
 
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):  # sharded: the index names the shards (stray files are not read)
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map") or {}
+        files = [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {missing[:3]}")
+    else:
+        files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
     for file in files:
