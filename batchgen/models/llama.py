@@ -209,7 +209,7 @@ class LlamaForCausalLM(nn.Module):
         }
         attn = self.layers[0].self_attn
         shard_sizes = {"qkv_proj": [attn.q_size, attn.kv_size, attn.kv_size],
-                       "gate_up_proj": [self.config.intermediate_size] * 2}
+                       "gate_up_proj": [self.layers[0].mlp.intermediate] * 2}  # per rank under TP
         filled: dict[str, int] = {}
         for hf_name, tensor in weights:
             name = hf_name.removeprefix("model.")
