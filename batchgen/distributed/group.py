@@ -108,8 +108,7 @@ class TPGroup:
             try:
                 dist.broadcast_object_list([message], src=0, group=self.control)
             except Exception as e:  # noqa: BLE001
-                self._failure = self.failure(e)
-                raise self._failure from e
+                raise self.failure(e) from e
             self._last_send = time.monotonic()
 
     def receive(self):
@@ -150,7 +149,13 @@ class TPGroup:
                                           "the engine cannot continue")
 
     def failure(self, error: BaseException) -> TensorParallelError:
-        """An error naming the rank(s) at fault, for a collective that failed with `error`."""
+        """An error naming the rank(s) at fault, for a collective that failed with `error` (the group is
+        unusable from here on: shutdown() kills the spawned ranks rather than asking them to stop)."""
+        err = self._diagnose(error)
+        self._failure = self._failure or err
+        return err
+
+    def _diagnose(self, error: BaseException) -> TensorParallelError:
         if self.children:
             deadline = time.monotonic() + 5  # a killed child is reaped within moments
             while time.monotonic() < deadline:
@@ -180,6 +185,8 @@ class TPGroup:
             except Exception:  # noqa: BLE001 - a dead peer: nothing to stop
                 pass
         for proc in self.children.values():
+            if self._failure is not None:
+                proc.kill()
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
