@@ -182,3 +182,95 @@ def test_hung_rank_fails_within_the_timeout(tiny, monkeypatch):
     finally:
         child.kill()
         llm.engine.shutdown()
+
+
+def test_data_parallel_makes_groups_of_tp_gpus():
+    from batchgen.distributed.placement import group_gpus
+    from batchgen.job.spec import JobSpecError
+    from batchgen.job.tasks import resolve_data_parallel
+
+    gpus = ["0", "1", "2", "3", "4"]
+    assert group_gpus(resolve_data_parallel, "auto", gpus, 2) == (2, ["0,1", "2,3"])
+    assert group_gpus(resolve_data_parallel, 1, gpus, 2) == (1, None)
+    assert group_gpus(resolve_data_parallel, "auto", gpus[:2], 2) == (1, None)
+    assert group_gpus(resolve_data_parallel, None, [], 2) == (1, None)  # CPU
+    with pytest.raises(JobSpecError, match="need 6 GPUs"):
+        group_gpus(resolve_data_parallel, 3, gpus, 2)
+    with pytest.raises(JobSpecError, match="only 1 GPU"):
+        group_gpus(resolve_data_parallel, None, ["0"], 2)
+
+
+def test_slurm_refuses_fewer_gpus_per_task_than_ranks(tmp_path):
+    from batchgen.job.slurm import SlurmError, SlurmOptions, render_script
+    from batchgen.job.spec import load_spec
+    from tests.job.conftest import write_job, write_jsonl
+
+    write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}])
+    job = write_job(tmp_path / "job.yaml", model={"path": "smollm2-135m"}, input={"path": "rows.jsonl"},
+                    output={"path": "out"}, engine={"tensor_parallel_size": 2})
+    spec = load_spec(str(job))
+    with pytest.raises(SlurmError, match="gpus-per-task >= 2"):
+        render_script(str(job), spec, SlurmOptions(tasks=2, gpus_per_task=1), str(tmp_path / "logs"))
+    script = render_script(str(job), spec, SlurmOptions(tasks=2, gpus_per_task=2), str(tmp_path / "logs"))
+    assert "--gpus-per-task=2" in script and "--data-parallel auto" in script
+
+
+def test_job_file_with_tp2_through_the_cli_kill_9_and_rerun_is_exactly_once(tmp_path, smol_dir):
+    import pyarrow.dataset as pads
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from tests.job.conftest import run_cli, write_job, write_jsonl
+
+    config = LlamaConfig(**{**TINY, "vocab_size": 49152, "num_key_value_heads": 1, "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(smol_dir).save_pretrained(model_dir)
+    rows = [{"id": f"r{i}", "prompt": f"Item {i}: the"} for i in range(10)]
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    engine = {"device": "cpu", "max_model_len": 128, "max_num_seqs": 2, "num_kv_blocks": 32}
+
+    def job(name: str, tp: int):
+        return write_job(tmp_path / f"{name}.yaml", model={"path": str(model_dir), "dtype": "float32"},
+                         input={"path": "rows.jsonl"}, output={"path": name, "commit_every_rows": 2},
+                         sampling={"max_tokens": 6, "temperature": 0.0, "ignore_eos": True},
+                         engine={**engine, "tensor_parallel_size": tp})
+
+    crashed = run_cli("run", "-q", str(job("tp2", 2)), env={"BATCHGEN_FAILPOINTS": "engine_step=12"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    parts = list((tmp_path / "tp2").rglob("*.parquet"))
+    first = pads.dataset(str(tmp_path / "tp2")).to_table().num_rows if parts else 0
+    assert first < len(rows)
+    assert not _orphaned_ranks("engine_step=12", wait=10), "rank 1 outlived its killed rank 0"
+    resumed = run_cli("run", "-q", str(job("tp2", 2)))
+    assert resumed.returncode == 0, resumed.stderr
+    reference = run_cli("run", "-q", str(job("tp1", 1)))
+    assert reference.returncode == 0, reference.stderr
+
+    def texts(name: str) -> list[tuple[str, str]]:
+        table = pads.dataset(str(tmp_path / name)).to_table().to_pylist()
+        return sorted((r["id"], r["generated_text"]) for r in table)
+
+    got = texts("tp2")
+    assert [i for i, _ in got] == sorted(r["id"] for r in rows)  # every row exactly once
+    assert got == texts("tp1")
+
+
+def _orphaned_ranks(marker: str, wait: float) -> list[int]:
+    """Rank processes (python -m batchgen.distributed.worker) with `marker` in their environment still alive
+    after `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+                env = open(f"/proc/{pid}/environ", "rb").read()
+            except OSError:
+                continue
+            if b"batchgen.distributed.worker" in cmd and marker.encode() in env:
+                found.append(int(pid))
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
