@@ -215,47 +215,84 @@ def test_slurm_refuses_fewer_gpus_per_task_than_ranks(tmp_path):
     assert "--gpus-per-task=2" in script and "--data-parallel auto" in script
 
 
-def test_job_file_with_tp2_through_the_cli_kill_9_and_rerun_is_exactly_once(tmp_path, smol_dir):
-    import pyarrow.dataset as pads
+@pytest.fixture(scope="module")
+def text_model_dir(tmp_path_factory, smol_dir) -> str:
+    """A tiny random Llama with SmolLM2's vocabulary (text prompts tokenize into it), one KV head."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from tests.job.conftest import run_cli, write_job, write_jsonl
 
     config = LlamaConfig(**{**TINY, "vocab_size": 49152, "num_key_value_heads": 1, "tie_word_embeddings": True})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(smol_dir).save_pretrained(model_dir)
-    rows = [{"id": f"r{i}", "prompt": f"Item {i}: the"} for i in range(10)]
-    write_jsonl(tmp_path / "rows.jsonl", rows)
-    engine = {"device": "cpu", "max_model_len": 128, "max_num_seqs": 2, "num_kv_blocks": 32}
+    path = tmp_path_factory.mktemp("text-llama")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(smol_dir).save_pretrained(path)
+    return str(path)
 
-    def job(name: str, tp: int):
-        return write_job(tmp_path / f"{name}.yaml", model={"path": str(model_dir), "dtype": "float32"},
-                         input={"path": "rows.jsonl"}, output={"path": name, "commit_every_rows": 2},
-                         sampling={"max_tokens": 6, "temperature": 0.0, "ignore_eos": True},
-                         engine={**engine, "tensor_parallel_size": tp})
 
-    crashed = run_cli("run", "-q", str(job("tp2", 2)), env={"BATCHGEN_FAILPOINTS": "engine_step=12"})
+def _job(tmp_path, model_dir: str, name: str, tp: int, rows: int):
+    from tests.job.conftest import write_job, write_jsonl
+
+    write_jsonl(tmp_path / "rows.jsonl", [{"id": f"r{i}", "prompt": f"Item {i}: the"} for i in range(rows)])
+    return write_job(tmp_path / f"{name}.yaml", model={"path": model_dir, "dtype": "float32"},
+                     input={"path": "rows.jsonl"}, output={"path": name, "commit_every_rows": 2},
+                     sampling={"max_tokens": 6, "temperature": 0.0, "ignore_eos": True},
+                     engine={"device": "cpu", "max_model_len": 128, "max_num_seqs": 2, "num_kv_blocks": 32,
+                             "tensor_parallel_size": tp})
+
+
+def _texts(url) -> list[tuple[str, str]]:
+    import pyarrow.dataset as pads
+
+    return sorted((r["id"], r["generated_text"]) for r in pads.dataset(str(url)).to_table().to_pylist())
+
+
+def test_job_file_with_tp2_through_the_cli_kill_9_and_rerun_is_exactly_once(tmp_path, text_model_dir):
+    import pyarrow.dataset as pads
+
+    from tests.job.conftest import run_cli
+
+    n = 10
+    crashed = run_cli("run", "-q", str(_job(tmp_path, text_model_dir, "tp2", 2, n)),
+                      env={"BATCHGEN_FAILPOINTS": "engine_step=12"})
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     parts = list((tmp_path / "tp2").rglob("*.parquet"))
     first = pads.dataset(str(tmp_path / "tp2")).to_table().num_rows if parts else 0
-    assert first < len(rows)
+    assert first < n
     assert not _orphaned_ranks("engine_step=12", wait=10), "rank 1 outlived its killed rank 0"
-    resumed = run_cli("run", "-q", str(job("tp2", 2)))
+    resumed = run_cli("run", "-q", str(_job(tmp_path, text_model_dir, "tp2", 2, n)))
     assert resumed.returncode == 0, resumed.stderr
-    reference = run_cli("run", "-q", str(job("tp1", 1)))
+    reference = run_cli("run", "-q", str(_job(tmp_path, text_model_dir, "tp1", 1, n)))
     assert reference.returncode == 0, reference.stderr
+    got = _texts(tmp_path / "tp2")
+    assert [i for i, _ in got] == sorted(f"r{i}" for i in range(n))  # every row exactly once
+    assert got == _texts(tmp_path / "tp1")
 
-    def texts(name: str) -> list[tuple[str, str]]:
-        table = pads.dataset(str(tmp_path / name)).to_table().to_pylist()
-        return sorted((r["id"], r["generated_text"]) for r in table)
 
-    got = texts("tp2")
-    assert [i for i, _ in got] == sorted(r["id"] for r in rows)  # every row exactly once
-    assert got == texts("tp1")
+def test_externally_launched_group_torchrun_runs_the_job(tmp_path, text_model_dir):
+    """torchrun starts both ranks; rank 1's `batchgen run` only serves rank 0's engine."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
+    from tests.job.conftest import REPO, run_cli
+
+    job = _job(tmp_path, text_model_dir, "ext", 2, 4)
+    port = _free_port()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "batchgen",
+                           "run", "-q", str(job)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = run_cli("run", "-q", str(_job(tmp_path, text_model_dir, "ref", 1, 4)))
+    assert reference.returncode == 0, reference.stderr
+    assert _texts(tmp_path / "ext") == _texts(tmp_path / "ref")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 def _orphaned_ranks(marker: str, wait: float) -> list[int]:
     """Rank processes (python -m batchgen.distributed.worker) with `marker` in their environment still alive

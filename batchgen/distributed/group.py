@@ -219,8 +219,16 @@ def join_or_start(tensor_parallel_size: int, config, device: torch.device) -> TP
     if env is not None:
         rank, local_rank, addr, port = env
         _CURRENT = _init(rank, n, local_rank, addr, port, device, external=True)
+        if rank == 0:
+            atexit.register(_CURRENT.shutdown)
         return _CURRENT
     return _spawn(n, config, device)
+
+
+def is_external_worker(tensor_parallel_size: int) -> bool:
+    """True in a rank > 0 of an externally launched group: its engine only serves rank 0's steps."""
+    env = _external_env(tensor_parallel_size) if tensor_parallel_size > 1 else None
+    return env is not None and env[0] > 0
 
 
 def _external_env(n: int) -> tuple[int, int, str, int] | None:
