@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -120,6 +121,7 @@ class Engine:
         """Rank 0 returns to its caller; a rank > 0 serves rank 0's steps until told to stop."""
         if self.tp.rank == 0:
             self.tp.start_heartbeat()
+            weakref.finalize(self, self.tp.shutdown)  # an engine dropped without shutdown() stops its ranks
             return
         from batchgen.distributed.worker import serve
 

@@ -136,8 +136,13 @@ def shard_model(model: nn.Module, group: TPGroup) -> ShardPlan:
     """Swap in this rank's shards of every projection, the embedding and the LM head (in place, on the meta
     device, before the weights are loaded). Sets `model.tp_plan` and `model.tp_full_dims` (LoRA checks)."""
     from batchgen.lora.adapters import ProjectionDims
+    from batchgen.models.llama import MLP, Attention, LlamaForCausalLM
 
     config, world = model.config, group.world_size
+    if type(model).load_weights is not LlamaForCausalLM.load_weights or not all(
+            isinstance(layer.self_attn, Attention) and isinstance(layer.mlp, MLP) for layer in model.layers):
+        raise ValueError(f"tensor_parallel_size={world}: {type(model).__name__} is not sharded yet (tensor "
+                         "parallelism covers Llama, Mistral, Qwen2 and Qwen3); use tensor_parallel_size=1")
     check_divisible(config, world)
     model.tp_full_dims = ProjectionDims.of_model(model)
     attn0 = model.layers[0].self_attn
