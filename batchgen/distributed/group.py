@@ -278,7 +278,10 @@ def _spawn(n: int, config, device: torch.device) -> TPGroup:
     children: dict[int, subprocess.Popen] = {}
     try:
         for rank in range(1, n):
-            proc = subprocess.Popen([sys.executable, "-m", "batchgen.distributed.worker"], stdin=subprocess.PIPE)
+            # The parent's import path, so the rank imports the same batchgen however the parent found it.
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            proc = subprocess.Popen([sys.executable, "-m", "batchgen.distributed.worker"], stdin=subprocess.PIPE,
+                                    env=env)
             pickle.dump(dict(rank=rank, world=n, port=port, config=config, device=device.type, parent=os.getpid()),
                         proc.stdin)
             proc.stdin.close()
