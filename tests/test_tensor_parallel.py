@@ -246,6 +246,7 @@ def _texts(url) -> list[tuple[str, str]]:
     return sorted((r["id"], r["generated_text"]) for r in pads.dataset(str(url)).to_table().to_pylist())
 
 
+@pytest.mark.slow  # CLI subprocesses: several engine start-ups
 def test_job_file_with_tp2_through_the_cli_kill_9_and_rerun_is_exactly_once(tmp_path, text_model_dir):
     import pyarrow.dataset as pads
 
@@ -268,6 +269,7 @@ def test_job_file_with_tp2_through_the_cli_kill_9_and_rerun_is_exactly_once(tmp_
     assert got == _texts(tmp_path / "tp1")
 
 
+@pytest.mark.slow  # CLI subprocesses: several engine start-ups
 def test_externally_launched_group_torchrun_runs_the_job(tmp_path, text_model_dir):
     """torchrun starts both ranks; rank 1's `batchgen run` only serves rank 0's engine."""
     import subprocess
