@@ -82,6 +82,12 @@ def run(job: str, overrides: tuple[str, ...], force: bool, quiet: bool, task_ind
     """
     spec = _load(job, overrides)
     _logging(quiet)
+    from batchgen.distributed.group import is_external_worker
+
+    if is_external_worker(spec.engine.get("tensor_parallel_size", 1)):  # torchrun / srun rank > 0: no job
+        from batchgen.engine import Engine  # layer here; the engine serves rank 0's steps, then exits
+
+        Engine(spec.engine_config())
     try:
         result = run_job(spec, force=force, quiet=quiet, task_index=task_index, num_tasks=num_tasks,
                          data_parallel=data_parallel)

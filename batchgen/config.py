@@ -75,6 +75,7 @@ class EngineConfig:
     lora_adapters: dict[str, str] | None = None  # adapter name -> PEFT LoRA directory
     max_loras: int = 8  # adapters resident on the device at once (the others wait in CPU memory)
     max_lora_rank: int = 64  # adapters of higher rank are refused at load
+    tensor_parallel_size: int = 1  # ranks (GPUs, or CPU processes) that one engine's model is sharded over
 
     def __post_init__(self) -> None:
         def check(cond: bool, name: str, allowed: str) -> None:
@@ -110,6 +111,9 @@ class EngineConfig:
             "lora_adapters", "a mapping of adapter name -> PEFT adapter directory, or null")
         check(_pos_int(self.max_loras), "max_loras", "an int >= 1")
         check(_pos_int(self.max_lora_rank), "max_lora_rank", "an int >= 1")
+        check(_pos_int(self.tensor_parallel_size), "tensor_parallel_size", "an int >= 1")
+        check(self.tensor_parallel_size == 1 or not self.speculative or self.speculative.method != "draft",
+              "tensor_parallel_size", "1 with a draft model (tensor parallelism speculates with ngram only)")
         if self.lora_adapters is not None:
             self.lora_adapters = {k: str(v) for k, v in self.lora_adapters.items()}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,12 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         self.config = config = config or EngineConfig.from_kwargs(**kwargs)
         self.device = _pick_device(config.device)
+        self.tp = None  # batchgen.distributed.group.TPGroup when tensor_parallel_size > 1
+        if config.tensor_parallel_size > 1:
+            from batchgen.distributed.group import join_or_start
+
+            self.tp = join_or_start(config.tensor_parallel_size, config, self.device)
+            self.device = self.tp.device  # this rank's GPU (cuda:local_rank), or the CPU
         self.attention_backend = _pick_attention_backend(config.attention_backend, self.device)
         from transformers import AutoConfig, AutoTokenizer
 
@@ -69,6 +76,8 @@ class Engine:
         self.block_size = config.block_size
         budget = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
         num_blocks = self._num_kv_blocks(budget)
+        if self.tp is not None:  # every rank holds the same block ids: the rank with least memory decides
+            num_blocks = self.tp.min_int(num_blocks)
         self.max_model_len = self._max_model_len(num_blocks)
         # One block more than the pool manages: the null block, where CUDA-graph padding rows write.
         self.kv_caches = self._allocate_kv(num_blocks + 1)
@@ -82,7 +91,12 @@ class Engine:
         self.runner.attention_backend = self.attention_backend
         if self.speculative:
             self.runner.proposer = self._make_proposer(num_blocks)
-        if self.device.type == "cuda" and self.attention_backend == "triton" and not config.enforce_eager:
+        if self.tp is not None and self.tp.rank == 0:
+            from batchgen.distributed.worker import StepSender
+
+            self.runner.tp = StepSender(self.tp)  # the other ranks run each forward rank 0 runs
+        if self.device.type == "cuda" and self.attention_backend == "triton" and not config.enforce_eager \
+                and self.tp is None:  # no graphs around collectives
             from batchgen.exec.cuda_graphs import DecodeGraphs
 
             graphs = DecodeGraphs(self.model, self.kv_caches, min(config.max_num_seqs, 256), self.max_model_len,
@@ -100,6 +114,26 @@ class Engine:
                               runner_seconds=0.0, step_seconds=0.0)
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     config.model, self.device, self.dtype, num_blocks, self.block_size, self.max_model_len)
+        if self.tp is not None:
+            self._start_tensor_parallel()
+
+    def _start_tensor_parallel(self) -> None:
+        """Rank 0 returns to its caller; a rank > 0 serves rank 0's steps until told to stop."""
+        if self.tp.rank == 0:
+            self.tp.start_heartbeat()
+            weakref.finalize(self, self.tp.shutdown)  # an engine dropped without shutdown() stops its ranks
+            return
+        from batchgen.distributed.worker import serve
+
+        serve(self)
+        if self.tp.external:  # torchrun / srun: this process existed only to be a rank
+            self.tp.shutdown()
+            raise SystemExit(0)
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (also done at exit); without TP there is nothing to do."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -107,8 +141,13 @@ class Engine:
         cls = model_class(hf_config)
         with torch.device("meta"):
             model = cls(hf_config)  # no random init: every weight comes from the checkpoint
+            if self.tp is not None:  # this rank's shards only, read shard by shard
+                from batchgen.distributed.layers import shard_model
+                from batchgen.distributed.loading import iter_shards
+
+                weights = iter_shards(model_dir, shard_model(model, self.tp))
         model = model.to(dtype=self.dtype).to_empty(device=self.device)
-        model.load_weights(iter_safetensors(model_dir))
+        model.load_weights(weights if self.tp is not None else iter_safetensors(model_dir))
         if can_pack(self.device, self.dtype):
             model.pack_for_cpu()
         if self.attention_backend == "triton":  # before anything runs it (the memory-profiling forward)
@@ -126,10 +165,17 @@ class Engine:
         from batchgen.lora.layers import LoRAWeights
         from batchgen.lora.slots import LoRASlots
 
-        adapters = load_adapters(self.config.lora_adapters, ProjectionDims.of_model(self.model),
+        adapters = load_adapters(self.config.lora_adapters,
+                                 getattr(self.model, "tp_full_dims", None) or ProjectionDims.of_model(self.model),
                                  self.config.max_lora_rank)
+        if self.tp is not None:  # cut to this rank's projection shards
+            from batchgen.distributed.lora import shard_adapter
+
+            adapters = {name: shard_adapter(a, self.model.tp_plan) for name, a in adapters.items()}
         num_slots = min(self.config.max_loras, len(adapters))
         weights = LoRAWeights(self.model, adapters, num_slots, self.dtype, self.device)  # keeps them packed
+        if self.tp is not None:  # row-parallel deltas are partial sums, like the base output
+            weights.reduce = self.tp.all_reduce
         logger.info("LoRA: %d adapter(s) (%s), %d device slot(s), max rank %d", len(adapters),
                     ", ".join(adapters), num_slots, weights.max_rank)
         return weights, LoRASlots(num_slots)

@@ -34,6 +34,7 @@ class ModelRunner:
         self.lora = None  # multi-LoRA slots (batchgen.lora.layers.LoRAWeights): set by the engine
         self.attention_backend = "torch"  # "triton": prepare() also fills the Triton fields; set by the engine
         self.graphs = None  # batchgen.exec.cuda_graphs.DecodeGraphs: replays decode-only forwards; set by the engine
+        self.tp = None  # batchgen.distributed.worker.StepSender on rank 0 of a tensor-parallel engine
         self.model_seconds = 0.0  # in the model's forward and LM head; the rest of a step is overhead
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
@@ -117,6 +118,8 @@ class ModelRunner:
         order = batch_order(rows)
         batch = [rows[i] for i in order]
         input_ids, positions, meta, last_token = self.prepare(SchedulerOutput(batch))
+        if self.tp is not None:  # tensor parallel: the other ranks run this same forward
+            self.tp.send_step(batch, sched.lora_loads, [len(proposals[i]) for i in order])
         if self.lora is not None:  # which adapter slot each row's tokens use in this forward
             self.lora.set_batch([r.num_tokens for r in batch], [r.lora_slot for r in batch])
         t = time.perf_counter()

@@ -90,7 +90,7 @@ def run_job(job: JobSpec | str | os.PathLike | dict, *, overrides: list[str] | t
         spec = load_spec(job, overrides)
     task = resolve_task(spec.sharding, task_index, num_tasks)
     workers, gpus = resolve_data_parallel(data_parallel if data_parallel is not None else spec.sharding.data_parallel,
-                                          spec.engine.get("device", "auto"))
+                                          spec.engine.get("device", "auto"), spec.engine.get("tensor_parallel_size", 1))
     if workers > 1 and engine is not None:
         raise ValueError("data_parallel > 1 starts one engine per process; do not pass engine=")
     start = time.perf_counter()

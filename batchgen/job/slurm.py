@@ -76,6 +76,10 @@ def render_script(job_file: str, spec: JobSpec, opts: SlurmOptions, log_dir: str
         if "\n" in d:
             raise SlurmError(f"an sbatch option cannot span lines: {d!r}")
 
+    tp = spec.engine.get("tensor_parallel_size", 1)
+    if tp > 1 and 0 < opts.gpus_per_task < tp:
+        raise SlurmError(f"engine.tensor_parallel_size={tp} needs --gpus-per-task >= {tp} (one engine's GPUs "
+                         f"are in one task), got {opts.gpus_per_task}")
     data_parallel = opts.data_parallel or ("auto" if opts.gpus_per_task > 1 else None)
     run = [sys.executable, "-m", "batchgen", "run", job, "--task-index", "${SLURM_ARRAY_TASK_ID}",
            "--num-tasks", str(opts.tasks)]

@@ -152,8 +152,14 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(n)]
 
 
-def resolve_data_parallel(value: int | str | None, device: str = "auto") -> tuple[int, list[str] | None]:
-    """(number of engine processes, the GPU of each or None on CPU) for --data-parallel auto|N."""
+def resolve_data_parallel(value: int | str | None, device: str = "auto",
+                          tensor_parallel_size: int = 1) -> tuple[int, list[str] | None]:
+    """(number of engine processes, the GPU of each or None on CPU) for --data-parallel auto|N.
+    With tensor parallelism an engine takes a group of tensor_parallel_size GPUs ("0,1"): GPUs // tp engines."""
+    if tensor_parallel_size > 1 and device != "cpu":
+        from batchgen.distributed.placement import group_gpus
+
+        return group_gpus(resolve_data_parallel, value, visible_gpus(), tensor_parallel_size)
     try:
         value = parse_data_parallel(value)
     except ValueError as e:

@@ -115,6 +115,7 @@ class LoRAWeights:
         self.targets = targets
         self._packed = {name: self._pack(a) for name, a in adapters.items()}
         self.batch: LoRABatch | None = None
+        self.reduce = None  # tensor parallel: sums o/down deltas over the ranks (each has its input slice)
         self._attach(model)
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -186,6 +187,12 @@ class LoRAWeights:
 
     def apply(self, layer: int, projection: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [tokens, out of the fused projection] += the LoRA delta of every target in it; returns y."""
+        if self.reduce is not None and projection in ("o_proj", "down_proj") and self.batch is not None \
+                and projection in self.slices:  # row-parallel: y is already summed, this rank's delta is not
+            return y.add_(self.reduce(self._apply(layer, projection, x, torch.zeros_like(y))))
+        return self._apply(layer, projection, x, y)
+
+    def _apply(self, layer: int, projection: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = self.batch
         if batch is None or projection not in self.slices:
             return y

@@ -215,7 +215,8 @@ class LlamaForCausalLM(nn.Module):
         }
         attn = self.layers[0].self_attn
         shard_sizes = {"qkv_proj": [attn.q_size, attn.kv_size, attn.kv_size],
-                       "gate_up_proj": [self.config.intermediate_size] * 2}
+                       # this rank's slice under tensor parallelism (a MoE layer 0 has no `intermediate`)
+                       "gate_up_proj": [getattr(self.layers[0].mlp, "intermediate", self.config.intermediate_size)] * 2}
         filled: dict[str, int] = {}
         for hf_name, tensor in weights:
             name = hf_name.removeprefix("model.")

@@ -1,0 +1,38 @@
+"""Stream a rank's shard of every checkpoint tensor: no rank reads, let alone holds, the whole model.
+
+safetensors' `get_slice` reads only the requested rows/columns of a tensor from the file, so each
+rank's peak is its own shard plus one replicated tensor (a norm, a bias) at a time.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+
+import torch
+
+from batchgen.distributed.layers import ShardPlan
+
+
+def iter_shards(model_dir: str, plan: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, this rank's slice of the tensor) from every *.safetensors file of a directory."""
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                cut = plan.slice_of(name)
+                if cut is None:
+                    yield name, f.get_tensor(name)
+                    continue
+                dim, start, stop = cut
+                part = f.get_slice(name)
+                shape = part.get_shape()
+                if dim >= len(shape) or stop > shape[dim]:
+                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(shape)}: no slice "
+                                     f"[{start}:{stop}] along dim {dim} for tensor-parallel rank {plan.rank}")
+                yield name, (part[start:stop] if dim == 0 else part[:, start:stop])
