@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -190,6 +191,8 @@ class JobOutput:
         finally:
             directory.lease = None
             lease.release()
+            if task.is_array:
+                _drop_if_empty(directory)
 
     def _open_manifest(self, out: OutputDir, task: Task, fingerprint: dict[str, Any], force: bool) -> dict[str, Any]:
         old = self.check_task_count(task, force)
@@ -216,6 +219,14 @@ class JobOutput:
         if array is None:
             return [(None, self.root)]
         return [(i, self.task_dir(i)) for i in range(int(array["num_tasks"]))]
+
+
+def _drop_if_empty(directory: OutputDir) -> None:
+    """Remove a task directory that only the lease created (the run was refused before writing)."""
+    if store.is_local(directory.fs) and directory.read_manifest() is None:
+        for path in (directory.meta, directory.root):
+            with contextlib.suppress(OSError):  # not empty (or gone): keep it
+                os.rmdir(path)
 
 
 def open_manifest(out: OutputDir, fingerprint: dict[str, Any], force: bool,

@@ -61,3 +61,24 @@ def engine():
     from batchgen.engine import Engine
 
     return Engine(EngineConfig(model="smollm2-135m", dtype="float32", **SMALL_ENGINE))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smol_dir):
+    """A 2-layer Llama with SmolLM2's vocabulary, so that text prompts tokenize into it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    path = tmp_path_factory.mktemp("tiny-vocab")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(smol_dir).save_pretrained(path)
+    return str(path)

@@ -22,26 +22,6 @@ ONE_AT_A_TIME = {"device": "cpu", "max_model_len": 128, "max_num_seqs": 1, "enab
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smol_dir):
-    """A 2-layer Llama with SmolLM2's vocabulary, so that text prompts tokenize into it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    path = tmp_path_factory.mktemp("tiny-vocab")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(smol_dir).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def adapters(tiny_dir, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
