@@ -233,6 +233,8 @@ class Engine:
             self._counters["request_errors"] += 1
             self._ready.append(_error_output(request_id, text, [], f"tokenization failed: {e}"))
             return
+        if params.truncate_prompt_tokens is not None:  # vLLM: keep the last N tokens
+            token_ids = token_ids[-params.truncate_prompt_tokens:]
         error = self._check_request(token_ids, params, lora)
         if error:
             self._counters["request_errors"] += 1
@@ -244,6 +246,12 @@ class Engine:
             seed = None if params.seed is None else params.seed + i
             children.append(Request(child_id, token_ids, params, self.eos_token_ids, lora, seed))
         group = _Group(request_id, text, token_ids, lora, children)
+        if params.bad_words:
+            from batchgen.exec.penalties import bad_words_token_ids
+
+            words = bad_words_token_ids(params, self.tokenizer)
+            for child in children:
+                self.runner.sampler.processors.bad_words[child.request_id] = words
         for child in children:
             if params.stop:
                 group.detokenizers[child.request_id] = IncrementalDetokenizer(
@@ -262,6 +270,10 @@ class Engine:
         bad_stops = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stops:
             return f"stop_token_ids {bad_stops} are outside the vocabulary [0, {self.vocab_size})"
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+            outside = [t for t in ids if t >= self.vocab_size]
+            if outside:
+                return f"{name} token ids {outside} are outside the vocabulary [0, {self.vocab_size})"
         if lora is not None and (self.lora is None or lora not in self.lora.adapters):
             loaded = ", ".join(map(repr, self.lora.adapters)) if self.lora is not None else "none"
             return f"unknown LoRA adapter {lora!r}; loaded: {loaded}"
@@ -318,6 +330,8 @@ class Engine:
                 if req.logprobs is not None:
                     del req.logprobs[k + 1 - len(tokens):]
             at, req.stop_reason = hit
+            if req.params.include_stop_str_in_output:
+                at += len(hit[1])
             self._groups[req.request_id].texts[req.request_id] = detokenizer.text[:at]
             if req.finished:
                 req.finish_reason = "stop"  # its last token both ended it and completed a stop string

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 
 from batchgen.sampling import SamplingParams
+from batchgen.sched.repetition import RepetitionDetector
 
 
 class RequestStatus(enum.Enum):
@@ -35,6 +36,7 @@ class Request:
         self.admitted = False  # has been scheduled at least once
         # Tokens that end generation: EOS (unless ignore_eos) and stop_token_ids.
         self.stop_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_token_ids)
+        self.repetition = RepetitionDetector(params.repetition_detection) if params.repetition_detection else None
 
     @property
     def num_tokens(self) -> int:

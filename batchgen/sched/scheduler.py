@@ -101,7 +101,7 @@ class Scheduler:
                 num_output_tokens=req.num_output_tokens,
                 stop_ids=req.stop_ids,
                 num_spec=spec,
-                all_token_ids=req.token_ids if spec else None,
+                all_token_ids=req.token_ids if spec or req.params.uses_logits_processors else None,
                 lora_slot=self._lora_slot(req),
             )
             for req, n, spec in plan
@@ -117,7 +117,7 @@ class Scheduler:
         none while min_tokens suppresses stop tokens or when per-token logprobs are asked for."""
         k = self.config.num_speculative_tokens
         p = req.params
-        if not k or p.logprobs is not None or req.num_output_tokens < p.min_tokens:
+        if not k or p.logprobs is not None or req.num_output_tokens < p.min_tokens or p.uses_logits_processors:
             return 0
         room = self.config.max_model_len - req.num_tokens - 1
         if p.max_tokens is not None:
@@ -230,6 +230,8 @@ class Scheduler:
             if token in p.stop_token_ids:
                 req.stop_reason = token
             return "stop"
+        if req.repetition is not None and req.repetition.observe(req.token_ids, req.num_prompt_tokens):
+            return "repetition"
         if p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
             return "length"
         if req.num_tokens >= self.config.max_model_len:
