@@ -246,12 +246,11 @@ class Engine:
             seed = None if params.seed is None else params.seed + i
             children.append(Request(child_id, token_ids, params, self.eos_token_ids, lora, seed))
         group = _Group(request_id, text, token_ids, lora, children)
-        if params.bad_words:
+        if params.bad_words and getattr(params, "bad_words_token_ids", None) is None:
             from batchgen.exec.penalties import bad_words_token_ids
 
-            words = bad_words_token_ids(params, self.tokenizer)
-            for child in children:
-                self.runner.sampler.processors.bad_words[child.request_id] = words
+            # Set on the params as vLLM does (not a field: the same words give the same ids)
+            params.bad_words_token_ids = bad_words_token_ids(params, self.tokenizer)
         for child in children:
             if params.stop:
                 group.detokenizers[child.request_id] = IncrementalDetokenizer(

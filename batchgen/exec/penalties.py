@@ -60,12 +60,9 @@ class LogitsProcessors:
         self.free: list[int] = []
         self.capacity = 0
         self.tables: dict[str, torch.Tensor] = {}  # "counts" | "seen" | "bias" -> [capacity, vocab]
-        # bad_words token ids per request, set by the engine (it has the tokenizer)
-        self.bad_words: dict[str, list[list[int]]] = {}
 
     def forget(self, request_ids: list[str]) -> None:
         for rid in request_ids:
-            self.bad_words.pop(rid, None)
             row = self.rows.pop(rid, None)
             if row is not None:
                 self.free.append(row.slot)
@@ -98,7 +95,7 @@ class LogitsProcessors:
         if p.repetition_penalty != 1.0:
             prompt = r.all_token_ids[:len(r.all_token_ids) - r.num_output_tokens]
             self._table("seen")[row.slot, torch.tensor(prompt, device=self.device)] = True
-        words = self.bad_words.get(r.request_id, [])
+        words = getattr(p, "bad_words_token_ids", None) or []  # set by the engine, which has the tokenizer
         row.multi_words = tuple(tuple(w) for w in words if len(w) > 1)
         banned = [w[0] for w in words if len(w) == 1]
         if p.logit_bias or p.allowed_token_ids is not None or banned:

@@ -21,7 +21,8 @@ from batchgen.job.reader import SAMPLING_FIELDS, Row
 from batchgen.job.spec import JobSpec
 from batchgen.sampling import SamplingParams
 
-_INT_FIELDS = {"n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs"}
+_INT_FIELDS = {"n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "truncate_prompt_tokens",
+               "prompt_logprobs", "thinking_token_budget"}
 
 
 class RowError(ValueError):
@@ -160,6 +161,8 @@ class Planner:
         # One batched call: fast tokenizers encode the whole window in parallel.
         encoded = self.tokenizer([text for _, text in items], add_special_tokens=add_special_tokens)["input_ids"]
         for (item, _), ids in zip(items, encoded, strict=True):
+            if item.params is not None and item.params.truncate_prompt_tokens is not None:
+                ids = ids[-item.params.truncate_prompt_tokens:]  # vLLM: the last N tokens
             item.token_ids = array("i", ids)
             if not ids:
                 item.error = "the prompt encodes to no tokens"
