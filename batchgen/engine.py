@@ -361,7 +361,8 @@ class Engine:
                                                 child.logprobs, child.stop_reason))
         self._counters["requests_finished"] += 1
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
-                             num_cached_tokens=group.children[0].num_cached_tokens, lora=group.lora)
+                             num_cached_tokens=group.children[0].num_cached_tokens, lora=group.lora,
+                             prompt_logprobs=group.children[0].prompt_logprobs)
 
     def stats(self) -> dict:
         s = dict(self._counters)

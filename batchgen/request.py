@@ -33,6 +33,8 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # prompt_logprobs: one entry per prompt token, None for the first (it has no context)
+        self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
         self.admitted = False  # has been scheduled at least once
         # Tokens that end generation: EOS (unless ignore_eos) and stop_token_ids.
         self.stop_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_token_ids)

@@ -48,3 +48,5 @@ class ModelOutput:
     logprobs: list[dict[int, float] | None]
     accepted: list[list[int]] | None = None  # proposals the target accepted, per row; None: no speculation
     num_proposed: list[int] | None = None  # proposals verified, per row
+    # prompt_logprobs: request id -> (index of the first prompt token scored, [{token id: logprob}])
+    prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]] | None = None

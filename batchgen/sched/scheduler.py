@@ -101,7 +101,8 @@ class Scheduler:
                 num_output_tokens=req.num_output_tokens,
                 stop_ids=req.stop_ids,
                 num_spec=spec,
-                all_token_ids=req.token_ids if spec or req.params.uses_logits_processors else None,
+                all_token_ids=req.token_ids if spec or req.params.uses_logits_processors
+                or req.params.prompt_logprobs is not None else None,
                 lora_slot=self._lora_slot(req),
             )
             for req, n, spec in plan
@@ -131,7 +132,10 @@ class Scheduler:
         instead of computing the same prefix twice in one batch."""
         bs = self.kv.block_size
         window = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.config.admission_window))]
-        matched = [(req, self.kv.match_prefix(req) if req.num_computed_tokens == 0 else []) for req in window]
+        # prompt_logprobs needs logits at every prompt position: such requests recompute their prefix
+        # (as vLLM does) instead of reusing cached blocks, which have no logits.
+        matched = [(req, self.kv.match_prefix(req) if req.num_computed_tokens == 0
+                    and req.params.prompt_logprobs is None else []) for req in window]
         sharing = self.kv.radix is not None
         if sharing:
             matched.sort(key=lambda m: -len(m[1]))  # stable: the queue's order among equals
@@ -142,7 +146,7 @@ class Scheduler:
         for req, hits in matched:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if admitted and hits:
+            if admitted and hits and req.params.prompt_logprobs is None:
                 hits = self.kv.match_prefix(req)  # admissions before it may have evicted some
             key = self._next_block_key(req, len(hits)) if sharing else None
             if key is not None and key in in_progress:
@@ -183,6 +187,8 @@ class Scheduler:
         finished: list[Request] = []
         i = 0  # index into the sampled rows of `out`
         for req, n, spec in self._plan:
+            if out.prompt_logprobs and req.request_id in out.prompt_logprobs:
+                _add_prompt_logprobs(req, *out.prompt_logprobs[req.request_id])
             if req.num_computed_tokens + n - spec < req.num_tokens:
                 req.num_computed_tokens += n  # a prefill chunk short of the end samples nothing
                 self.kv.cache_full_blocks(req)
@@ -270,3 +276,10 @@ class Scheduler:
     def _release_lora(self, req: Request) -> None:
         if req.lora is not None and self.lora_slots is not None:
             self.lora_slots.release(req.lora)
+
+
+def _add_prompt_logprobs(req: Request, first: int, entries: list) -> None:
+    """Append a chunk's prompt logprobs; a recompute after preemption scores tokens again: skip those."""
+    have = len(req.prompt_logprobs)
+    if first + len(entries) > have:
+        req.prompt_logprobs.extend(entries[have - first:])
