@@ -39,6 +39,7 @@ class Request:
         # Tokens that end generation: EOS (unless ignore_eos) and stop_token_ids.
         self.stop_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_token_ids)
         self.repetition = RepetitionDetector(params.repetition_detection) if params.repetition_detection else None
+        self.budget = None  # batchgen.reasoning.BudgetTracker under thinking_token_budget: set by the engine
 
     @property
     def num_tokens(self) -> int:

@@ -36,6 +36,7 @@ class SamplingParams:
     # Runaway guard: {max_period, min_repeats} (batchgen.sched.repetition); True: the defaults; None: off
     repetition_detection: dict[str, int] | bool | None = None
     prompt_logprobs: int | None = None  # logprob of every prompt token plus its top-k (None for the first)
+    thinking_token_budget: int | None = None  # reasoning tokens before the engine closes the block
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -110,6 +111,8 @@ class SamplingParams:
             raise bad("truncate_prompt_tokens", "must be an int >= 1 or None")
         if self.prompt_logprobs is not None and not _token_id(self.prompt_logprobs):
             raise bad("prompt_logprobs", "must be an int >= 0 or None")
+        if self.thinking_token_budget is not None and not _token_id(self.thinking_token_budget):
+            raise bad("thinking_token_budget", "must be an int >= 0 or None")
         if self.repetition_detection is not None:
             from batchgen.sched.repetition import check_params
 

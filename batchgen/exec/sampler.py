@@ -44,7 +44,7 @@ class Sampler:
         """logits: [rows, vocab] in any float dtype. Returns the sampled token and, where asked, top
         logprobs per row."""
         if all(r.params.greedy and r.params.logprobs is None and not self._suppress_stop(r)
-               and not r.params.uses_logits_processors for r in rows):
+               and not r.params.uses_logits_processors and r.forced_token is None for r in rows):
             # Pure greedy: argmax of the logits as they are. Upcasting is exact, so this is the token
             # the fp32 path picks, without a [rows, vocab] fp32 copy.
             return fused.argmax(logits).tolist(), [None] * len(rows)
@@ -64,6 +64,9 @@ class Sampler:
         if random_rows:
             tokens[random_rows] = self._sample(logits[random_rows], [rows[i] for i in random_rows])
         token_list = tokens.tolist()
+        for i, r in enumerate(rows):
+            if r.forced_token is not None:  # thinking_token_budget: the end marker, whatever was drawn
+                token_list[i] = r.forced_token
 
         logprobs: list[dict[int, float] | None] = [None] * len(rows)
         if raw_logprobs is not None:

@@ -39,6 +39,14 @@ def job_fingerprint(spec: JobSpec, shards: list[Shard]) -> dict[str, Any]:
         "output": {"keep_columns": spec.output.keep_columns},  # a tuple becomes a list in the JSON round trip
         "on_error": spec.on_error,
     }
+    # Only when set, as lora below: outputs of jobs without them keep their fingerprint.
+    if spec.input.chat_template_kwargs:
+        fingerprint["input"]["chat_template_kwargs"] = spec.input.chat_template_kwargs
+    if spec.output.reasoning is not None:
+        fingerprint["output"]["reasoning"] = list(spec.output.reasoning)
+    if spec.task != "generate":
+        fingerprint["task"] = spec.task
+        fingerprint["score"] = dataclasses.asdict(spec.score)
     if spec.lora is not None:  # only when set: outputs of jobs without adapters keep their fingerprint
         fingerprint["lora"] = {"adapters": dict(sorted(spec.lora.adapters.items())), "column": spec.lora.column}
     return json.loads(json.dumps(fingerprint))

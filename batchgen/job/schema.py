@@ -29,13 +29,15 @@ _LOGPROB_ENTRY = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32()),
 
 
 class OutputSchema:
-    def __init__(self, kept: pa.Schema, list_output: bool, with_logprobs: bool):
+    def __init__(self, kept: pa.Schema, list_output: bool, with_logprobs: bool, with_reasoning: bool = False):
         self.kept = kept
         self.list_output = list_output
         self.with_logprobs = with_logprobs
+        self.with_reasoning = with_reasoning  # output.reasoning: a reasoning_text column after generated_text
         text = pa.list_(pa.string()) if list_output else pa.string()
         fields = [pa.field("id", pa.string()), *kept,
-                  pa.field("generated_text", text), pa.field("finish_reason", text),
+                  pa.field("generated_text", text),
+                  *([pa.field("reasoning_text", text)] if with_reasoning else []), pa.field("finish_reason", text),
                   pa.field("num_prompt_tokens", pa.int64()), pa.field("num_generated_tokens", pa.int64()),
                   pa.field("num_cached_tokens", pa.int64()), pa.field("error", pa.string())]
         if with_logprobs:
@@ -47,7 +49,12 @@ class OutputSchema:
 
     @classmethod
     def for_job(cls, spec: JobSpec, input_schema: pa.Schema | None, first_rows: list[Row]) -> OutputSchema:
-        return cls(_kept_schema(spec, input_schema, first_rows), spec.list_output, spec.with_logprobs)
+        kept = _kept_schema(spec, input_schema, first_rows)
+        if spec.task == "score":
+            from batchgen.job.score import ScoreSchema
+
+            return ScoreSchema(kept, spec.score.top_logprobs)
+        return cls(kept, spec.list_output, spec.with_logprobs, spec.output.reasoning is not None)
 
     # ---- records --------------------------------------------------------------------------------
 
@@ -61,6 +68,9 @@ class OutputSchema:
                       num_prompt_tokens=len(out.prompt_token_ids),
                       num_generated_tokens=out.num_generated_tokens,
                       num_cached_tokens=out.num_cached_tokens)
+        if self.with_reasoning:
+            reasoning = [c.reasoning_text or "" for c in out.outputs]
+            record["reasoning_text"] = reasoning if self.list_output else reasoning[0]
         if self.with_logprobs:
             k = item.params.logprobs or 0
             entries = [_logprob_entries(c, k) for c in out.outputs]
@@ -85,13 +95,20 @@ class OutputSchema:
     # ---- persistence (the manifest keeps it so that a resumed run writes the same schema) -------
 
     def to_json(self) -> dict[str, Any]:
-        return {"kept": base64.b64encode(self.kept.serialize().to_pybytes()).decode("ascii"),
+        data = {"kept": base64.b64encode(self.kept.serialize().to_pybytes()).decode("ascii"),
                 "list_output": self.list_output, "with_logprobs": self.with_logprobs}
+        if self.with_reasoning:
+            data["with_reasoning"] = True
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> OutputSchema:
         kept = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(data["kept"])))
-        return cls(kept, data["list_output"], data["with_logprobs"])
+        if data.get("task") == "score":
+            from batchgen.job.score import ScoreSchema
+
+            return ScoreSchema(kept, data["top_logprobs"])
+        return cls(kept, data["list_output"], data["with_logprobs"], data.get("with_reasoning", False))
 
 
 def _kept_schema(spec: JobSpec, input_schema: pa.Schema | None, rows: list[Row]) -> pa.Schema:

@@ -23,6 +23,7 @@ class ScheduledRequest:
     num_spec: int = 0
     all_token_ids: list[int] | None = None
     lora_slot: int = -1  # device slot of the row's LoRA adapter; -1: base model
+    forced_token: int | None = None  # thinking_token_budget spent: this step yields this token
 
     @property
     def num_tokens(self) -> int:

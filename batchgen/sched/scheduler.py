@@ -104,6 +104,7 @@ class Scheduler:
                 all_token_ids=req.token_ids if spec or req.params.uses_logits_processors
                 or req.params.prompt_logprobs is not None else None,
                 lora_slot=self._lora_slot(req),
+                forced_token=req.budget.forced_token() if req.budget is not None else None,
             )
             for req, n, spec in plan
         ]
@@ -118,7 +119,8 @@ class Scheduler:
         none while min_tokens suppresses stop tokens or when per-token logprobs are asked for."""
         k = self.config.num_speculative_tokens
         p = req.params
-        if not k or p.logprobs is not None or req.num_output_tokens < p.min_tokens or p.uses_logits_processors:
+        if not k or p.logprobs is not None or req.num_output_tokens < p.min_tokens or p.uses_logits_processors \
+                or req.budget is not None:
             return 0
         room = self.config.max_model_len - req.num_tokens - 1
         if p.max_tokens is not None:
@@ -206,6 +208,8 @@ class Scheduler:
                 req.token_ids.append(t)
                 if req.logprobs is not None:
                     req.logprobs.append(logprobs)
+                if req.budget is not None:
+                    req.budget.observe(req.token_ids)
                 reason = self._stop_reason(req, t)
                 if reason is not None:
                     break
