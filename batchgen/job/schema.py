@@ -115,13 +115,21 @@ def _kept_schema(spec: JobSpec, input_schema: pa.Schema | None, rows: list[Row])
     keep = spec.output.keep_columns
     if keep == "none":
         return pa.schema([])
+    reserved = set(OUTPUT_COLUMNS)  # and the columns this job's options add
+    if spec.output.reasoning is not None:
+        reserved.add("reasoning_text")
+    if spec.task == "score":
+        from batchgen.job.score import score_fields
+
+        reserved.update(["num_completion_tokens", "completion_logprobs", "sum_logprob", "mean_logprob",
+                         "perplexity"], [f.name for f in score_fields(spec.score.top_logprobs)])
     if keep == "all":
         names = input_schema.names if input_schema is not None else _keys_in_order(r.data for r in rows)
-        dropped = [n for n in names if n in OUTPUT_COLUMNS and n != spec.input.id_column]
+        dropped = [n for n in names if n in reserved and n != spec.input.id_column]
         if dropped:
             logger.warning("input columns %s are not passed through: output columns have those names", dropped)
         # The id column is already the output's `id`.
-        names = [n for n in names if n not in OUTPUT_COLUMNS and n != spec.input.id_column]
+        names = [n for n in names if n not in reserved and n != spec.input.id_column]
     else:
         names = list(keep)
     fields = []
