@@ -286,3 +286,15 @@ def test_repetition_guard_stops_looping_rows_only(tiny_model_dir):
         else:
             assert c.finish_reason == "length" and c.token_ids == f
     assert 0 < looping < len(prompts), "every row or none looped: pick another seed"
+
+
+def test_openai_body_fields_become_row_overrides():
+    from batchgen.job.openai_batch import parse_line
+
+    cols = parse_line({"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}],
+                                                  "presence_penalty": 0.5, "frequency_penalty": 0.2,
+                                                  "logit_bias": {"50256": -100}, "repetition_penalty": 1.1,
+                                                  "bad_words": ["foo"]}})
+    params = SamplingParams(**{k: v for k, v in cols.items() if k != "messages"})
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, 0.2, 1.1)
+    assert params.logit_bias == {50256: -100} and params.bad_words == ["foo"]

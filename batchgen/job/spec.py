@@ -126,7 +126,6 @@ class JobSpec:
         if keep == "all":
             return None
         columns = set(() if keep == "none" else keep)
-        columns.add("chat_template_kwargs")  # a per-row override, read when present
         if self.task == "score":
             columns.add(self.score.completion_column)
         if self.lora is not None:
