@@ -116,7 +116,8 @@ class Scheduler:
 
     def _num_spec(self, req: Request) -> int:
         """Proposals worth verifying for a decoding request: never past max_tokens or max_model_len,
-        none while min_tokens suppresses stop tokens or when per-token logprobs are asked for."""
+        none while min_tokens suppresses stop tokens, when per-token logprobs are asked for, for rows
+        with logits processors (penalties, biases, bans) or a thinking budget."""
         k = self.config.num_speculative_tokens
         p = req.params
         if not k or p.logprobs is not None or req.num_output_tokens < p.min_tokens or p.uses_logits_processors \
