@@ -16,7 +16,8 @@ State: a row that uses any of these takes a slot in device tables kept across st
 the request finishes):
   counts [slots, vocab] fp32: how often each token was generated, updated with only the tokens a
       row gained since its last step (one index_put_ for the batch: no rescan of any history)
-  seen   [slots, vocab] bool: the prompt's tokens (repetition_penalty)
+  seen   [slots, vocab] bool: the prompt's and the generated tokens (repetition_penalty), updated
+      with counts
   bias   [slots, vocab] fp32: logit_bias, and -inf for tokens outside allowed_token_ids and for
       one-token bad words
 A table is allocated only when some row needs it, and grows by doubling.
@@ -143,21 +144,25 @@ class LogitsProcessors:
                         banned_tokens.append(word[-1])
         if count_tokens:
             ones = torch.ones(len(count_tokens), device=self.device)
-            self._table("counts").index_put_((torch.tensor(count_rows, device=self.device),
-                                              torch.tensor(count_tokens, device=self.device)), ones, accumulate=True)
+            where = (torch.tensor(count_rows, device=self.device), torch.tensor(count_tokens, device=self.device))
+            self._table("counts").index_put_(where, ones, accumulate=True)
+            if "seen" in self.tables:  # only rows with repetition_penalty read it
+                self._table("seen").index_put_(where, torch.ones(len(count_tokens), dtype=torch.bool,
+                                                                 device=self.device))
         params = [rows[i].params for i in active]
         idx = torch.tensor(active, device=self.device)
         slot_idx = torch.tensor(slots, device=self.device)
         sub = logits[idx]  # [active, vocab]
         if any(p.repetition_penalty != 1.0 for p in params):
             rep = torch.tensor([p.repetition_penalty for p in params], device=self.device).unsqueeze(1)
-            seen = self._table("seen")[slot_idx] | (self._table("counts")[slot_idx] > 0)  # [active, vocab]
+            seen = self._table("seen")[slot_idx]  # [active, vocab]
             sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
         if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
             counts = self._table("counts")[slot_idx]  # [active, vocab]
             freq = torch.tensor([p.frequency_penalty for p in params], device=self.device).unsqueeze(1)
             pres = torch.tensor([p.presence_penalty for p in params], device=self.device).unsqueeze(1)
-            sub = sub - freq * counts - pres * (counts > 0).float()
+            penalty = (counts > 0).float().mul_(pres).add_(counts.mul_(freq))  # counts is a gathered copy
+            sub = sub.sub_(penalty)
         if "bias" in self.tables:
             sub = sub + self._table("bias")[slot_idx]
         if banned_tokens:
