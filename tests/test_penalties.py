@@ -190,8 +190,7 @@ def test_counts_are_incremental_and_slots_are_reused():
     for step, new in enumerate([None, 3, 3, 4]):
         if new is not None:
             tokens.append(new)
-        logits = torch.ones(1, vocab)
-        proc.apply(logits, [_row("a", tokens, step, p)])
+        logits = proc.apply(torch.ones(1, vocab), [_row("a", tokens, step, p)])
         out = tokens[2:]
         for t in range(vocab):
             c = out.count(t)
@@ -199,8 +198,7 @@ def test_counts_are_incremental_and_slots_are_reused():
             expect -= 1.0 * c + 0.5 * (c > 0)
             assert logits[0, t].item() == pytest.approx(expect), (step, t)
     proc.forget(["a"])
-    logits = torch.zeros(1, vocab)
-    proc.apply(logits, [_row("b", [5, 6], 0, SamplingParams(frequency_penalty=1.0))])
+    logits = proc.apply(torch.zeros(1, vocab), [_row("b", [5, 6], 0, SamplingParams(frequency_penalty=1.0))])
     assert torch.all(logits == 0)  # the reused slot starts from zero counts
 
 
@@ -209,11 +207,9 @@ def test_bad_word_prefix_in_prompt_does_not_ban():
     proc = LogitsProcessors(torch.device("cpu"))
     p = SamplingParams(bad_words=["x"])
     p.bad_words_token_ids = [[4, 7], [9]]
-    logits = torch.zeros(1, 12)
-    proc.apply(logits, [_row("r", [1, 4], 0, p)])  # prompt ends with 4: 7 stays allowed
+    logits = proc.apply(torch.zeros(1, 12), [_row("r", [1, 4], 0, p)])  # prompt ends with 4: 7 stays allowed
     assert logits[0, 7] == 0 and logits[0, 9] == float("-inf")
-    logits = torch.zeros(1, 12)
-    proc.apply(logits, [_row("r", [1, 4, 4], 1, p)])  # generated 4: 7 is banned
+    logits = proc.apply(torch.zeros(1, 12), [_row("r", [1, 4, 4], 1, p)])  # generated 4: 7 is banned
     assert logits[0, 7] == float("-inf")
 
 

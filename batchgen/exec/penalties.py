@@ -116,7 +116,7 @@ class LogitsProcessors:
         return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
     def apply(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> torch.Tensor:
-        """logits: [rows, vocab] fp32, changed in place for the rows that use a processor."""
+        """logits: [rows, vocab] fp32. Returns them processed (a new tensor or `logits` changed in place)."""
         active = [i for i, r in enumerate(rows) if r.params.uses_logits_processors]
         if not active:
             return logits
@@ -152,7 +152,8 @@ class LogitsProcessors:
         params = [rows[i].params for i in active]
         idx = torch.tensor(active, device=self.device)
         slot_idx = torch.tensor(slots, device=self.device)
-        sub = logits[idx]  # [active, vocab]
+        every = len(active) == len(rows)  # the common case: no gather and scatter of the logits
+        sub = logits if every else logits[idx]  # [active, vocab]
         if any(p.repetition_penalty != 1.0 for p in params):
             rep = torch.tensor([p.repetition_penalty for p in params], device=self.device).unsqueeze(1)
             seen = self._table("seen")[slot_idx]  # [active, vocab]
@@ -168,5 +169,7 @@ class LogitsProcessors:
         if banned_tokens:
             sub[torch.tensor(banned_rows, device=self.device), torch.tensor(banned_tokens, device=self.device)] = \
                 float("-inf")
+        if every:
+            return sub
         logits[idx] = sub
         return logits
