@@ -76,6 +76,9 @@ class EngineConfig:
     max_loras: int = 8  # adapters resident on the device at once (the others wait in CPU memory)
     max_lora_rank: int = 64  # adapters of higher rank are refused at load
     tensor_parallel_size: int = 1  # ranks (GPUs, or CPU processes) that one engine's model is sharded over
+    # Reasoning markers (batchgen/reasoning.py): a parser name (deepseek_r1, qwen3) or {start, end};
+    # splits reasoning_text from the answer and enables thinking_token_budget. None: off
+    reasoning_parser: str | dict | None = None
 
     def __post_init__(self) -> None:
         def check(cond: bool, name: str, allowed: str) -> None:
@@ -116,6 +119,12 @@ class EngineConfig:
               "tensor_parallel_size", "1 with a draft model (tensor parallelism speculates with ngram only)")
         if self.lora_adapters is not None:
             self.lora_adapters = {k: str(v) for k, v in self.lora_adapters.items()}
+        from batchgen.reasoning import parse_reasoning
+
+        try:
+            parse_reasoning(self.reasoning_parser)
+        except ValueError as e:
+            raise ValueError(f"engine.reasoning_parser: {e}") from None
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -21,6 +21,7 @@ from batchgen.exec.model_runner import ModelRunner
 from batchgen.models.loader import iter_safetensors, pick_dtype, read_eos_token_ids, resolve_model
 from batchgen.models.packed_linear import can_pack
 from batchgen.models.registry import language_model_config, model_class
+from batchgen.reasoning import BudgetTracker, Markers, parse_reasoning, split_ids
 from batchgen.request import Request
 from batchgen.sampling import CompletionOutput, RequestOutput, SamplingParams
 from batchgen.sched.output import SchedulerOutput
@@ -66,6 +67,8 @@ class Engine:
         self.hf_config = language_model_config(AutoConfig.from_pretrained(self.model_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or self.model_dir)
         self.eos_token_ids = read_eos_token_ids(self.model_dir, self.hf_config)
+        markers = parse_reasoning(config.reasoning_parser)
+        self.reasoning = Markers.of(self.tokenizer, *markers) if markers else None  # token ids of the markers
         self.vocab_size = self.hf_config.vocab_size
         self.dtype = pick_dtype(config.dtype, self.device)
         self.model = self._load_model(self.model_dir, self.hf_config)
@@ -112,6 +115,8 @@ class Engine:
         self._ready: list[RequestOutput] = []  # finished outside a step (bad input)
         self._counters = dict(steps=0, generated_tokens=0, requests_finished=0, request_errors=0,
                               runner_seconds=0.0, step_seconds=0.0)
+        if self.reasoning is not None:  # generated tokens inside reasoning blocks, and the rest
+            self._counters.update(reasoning_tokens=0, answer_tokens=0)
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     config.model, self.device, self.dtype, num_blocks, self.block_size, self.max_model_len)
         if self.tp is not None:
@@ -275,6 +280,8 @@ class Engine:
             self._counters["request_errors"] += 1
             self._ready.append(_error_output(request_id, text, [], f"tokenization failed: {e}"))
             return
+        if params.truncate_prompt_tokens is not None:  # vLLM: keep the last N tokens
+            token_ids = token_ids[-params.truncate_prompt_tokens:]
         error = self._check_request(token_ids, params, lora)
         if error:
             self._counters["request_errors"] += 1
@@ -285,7 +292,14 @@ class Engine:
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             seed = None if params.seed is None else params.seed + i
             children.append(Request(child_id, token_ids, params, self.eos_token_ids, lora, seed))
+            if params.thinking_token_budget is not None:
+                children[-1].budget = BudgetTracker(token_ids, self.reasoning, params.thinking_token_budget)
         group = _Group(request_id, text, token_ids, lora, children)
+        if params.bad_words and getattr(params, "bad_words_token_ids", None) is None:
+            from batchgen.exec.penalties import bad_words_token_ids
+
+            # Set on the params as vLLM does (not a field: the same words give the same ids)
+            params.bad_words_token_ids = bad_words_token_ids(params, self.tokenizer)
         for child in children:
             if params.stop:
                 group.detokenizers[child.request_id] = IncrementalDetokenizer(
@@ -304,6 +318,13 @@ class Engine:
         bad_stops = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stops:
             return f"stop_token_ids {bad_stops} are outside the vocabulary [0, {self.vocab_size})"
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+            outside = [t for t in ids if t >= self.vocab_size]
+            if outside:
+                return f"{name} token ids {outside} are outside the vocabulary [0, {self.vocab_size})"
+        if params.thinking_token_budget is not None and self.reasoning is None:
+            return ("thinking_token_budget needs reasoning markers: set the engine's reasoning_parser "
+                    "(a job's output.reasoning)")
         if lora is not None and (self.lora is None or lora not in self.lora.adapters):
             loaded = ", ".join(map(repr, self.lora.adapters)) if self.lora is not None else "none"
             return f"unknown LoRA adapter {lora!r}; loaded: {loaded}"
@@ -360,6 +381,8 @@ class Engine:
                 if req.logprobs is not None:
                     del req.logprobs[k + 1 - len(tokens):]
             at, req.stop_reason = hit
+            if req.params.include_stop_str_in_output:
+                at += len(hit[1])
             self._groups[req.request_id].texts[req.request_id] = detokenizer.text[:at]
             if req.finished:
                 req.finish_reason = "stop"  # its last token both ended it and completed a stop string
@@ -386,11 +409,29 @@ class Engine:
             if text is None:
                 text = self.tokenizer.decode(child.output_token_ids,
                                              skip_special_tokens=child.params.skip_special_tokens)
-            completions.append(CompletionOutput(i, text, child.output_token_ids, child.finish_reason,
-                                                child.logprobs, child.stop_reason))
+            completion = CompletionOutput(i, text, child.output_token_ids, child.finish_reason,
+                                          child.logprobs, child.stop_reason)
+            if self.reasoning is not None:
+                self._split_reasoning(completion, group.prompt_token_ids, child.params, text is not None
+                                      and child.request_id in group.texts)
+            completions.append(completion)
         self._counters["requests_finished"] += 1
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
-                             num_cached_tokens=group.children[0].num_cached_tokens, lora=group.lora)
+                             num_cached_tokens=group.children[0].num_cached_tokens, lora=group.lora,
+                             prompt_logprobs=group.children[0].prompt_logprobs)
+
+    def _split_reasoning(self, c: CompletionOutput, prompt_ids: list[int], params: SamplingParams,
+                         stopped_by_string: bool) -> None:
+        """reasoning_text apart from the answer (batchgen/reasoning.py says how)."""
+        split = split_ids(prompt_ids, c.token_ids, self.reasoning)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)  # noqa: E731
+        answer = decode(split.answer_ids)
+        if stopped_by_string and isinstance(c.stop_reason, str) and c.stop_reason in answer:
+            cut = answer.index(c.stop_reason) + (len(c.stop_reason) if params.include_stop_str_in_output else 0)
+            answer = answer[:cut]
+        c.reasoning_text, c.text = decode(split.reasoning_ids).strip(), answer.strip()
+        self._counters["reasoning_tokens"] += len(split.reasoning_ids)
+        self._counters["answer_tokens"] += len(c.token_ids) - len(split.reasoning_ids)
 
     def stats(self) -> dict:
         s = dict(self._counters)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 
 from batchgen.sampling import SamplingParams
+from batchgen.sched.repetition import RepetitionDetector
 
 
 class RequestStatus(enum.Enum):
@@ -32,9 +33,13 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # prompt_logprobs: one entry per prompt token, None for the first (it has no context)
+        self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
         self.admitted = False  # has been scheduled at least once
         # Tokens that end generation: EOS (unless ignore_eos) and stop_token_ids.
         self.stop_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_token_ids)
+        self.repetition = RepetitionDetector(params.repetition_detection) if params.repetition_detection else None
+        self.budget = None  # batchgen.reasoning.BudgetTracker under thinking_token_budget: set by the engine
 
     @property
     def num_tokens(self) -> int:

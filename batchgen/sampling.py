@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -23,6 +24,19 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per generated token
     skip_special_tokens: bool = True
+    # Logits processors (batchgen.exec.penalties says what each does)
+    repetition_penalty: float = 1.0  # HF/vLLM: over prompt and generated tokens; 1: off
+    presence_penalty: float = 0.0  # OpenAI: over generated tokens
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # {token id: bias added to the logit}
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] | None = None  # words that may not be generated (vLLM semantics)
+    include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last N tokens
+    # Runaway guard: {max_period, min_repeats} (batchgen.sched.repetition); True: the defaults; None: off
+    repetition_detection: dict[str, int] | bool | None = None
+    prompt_logprobs: int | None = None  # logprob of every prompt token plus its top-k (None for the first)
+    thinking_token_budget: int | None = None  # reasoning tokens before the engine closes the block
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -31,7 +45,15 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
+        self.logit_bias = _token_bias(self.logit_bias)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.bad_words is not None:
+            self.bad_words = list(self.bad_words)
         self._validate()
+        self._validate_processors()
 
     def _validate(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -63,6 +85,48 @@ class SamplingParams:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise bad("logprobs", "must be an int >= 0 or None")
 
+    def _validate_processors(self) -> None:
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be a number > 0 (1 is off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "must be a number in [-2, 2]")
+        if self.logit_bias is not None and not all(number(b) and -100 <= b <= 100 for b in self.logit_bias.values()):
+            raise bad("logit_bias", "biases must be numbers in [-100, 100]")
+        if self.allowed_token_ids is not None and (
+                not self.allowed_token_ids or not all(_token_id(t) for t in self.allowed_token_ids)):
+            raise bad("allowed_token_ids", "must be a non-empty list of token ids >= 0")
+        if self.bad_words is not None and not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+            raise bad("bad_words", "must be a list of non-blank strings")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise bad("include_stop_str_in_output", "must be true or false")
+        if self.truncate_prompt_tokens is not None and not (_token_id(self.truncate_prompt_tokens)
+                                                            and self.truncate_prompt_tokens >= 1):
+            raise bad("truncate_prompt_tokens", "must be an int >= 1 or None")
+        if self.prompt_logprobs is not None and not _token_id(self.prompt_logprobs):
+            raise bad("prompt_logprobs", "must be an int >= 0 or None")
+        if self.thinking_token_budget is not None and not _token_id(self.thinking_token_budget):
+            raise bad("thinking_token_budget", "must be an int >= 0 or None")
+        if self.repetition_detection is not None:
+            from batchgen.sched.repetition import check_params
+
+            try:
+                check_params(self.repetition_detection)
+            except ValueError as e:
+                raise bad("repetition_detection", str(e)) from None
+
+    @property
+    def uses_logits_processors(self) -> bool:
+        """Any of the penalties, biases or bans of batchgen.exec.penalties."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias) or self.allowed_token_ids is not None or bool(self.bad_words))
+
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
@@ -77,6 +141,29 @@ class SamplingParams:
         return SamplingParams(**values)
 
 
+def _token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _token_bias(value) -> dict[int, float] | None:
+    """logit_bias as {int token id: float}: JSON objects have string keys ("123": 5), Parquet maps
+    come back as [(key, value), ...] pairs."""
+    if value is None:
+        return None
+    items = value.items() if isinstance(value, dict) else value
+    try:
+        out = {}
+        for key, bias in items:
+            token = int(key)
+            if token < 0 or str(token) != str(key).strip():
+                raise ValueError
+            out[token] = bias
+        return out
+    except (TypeError, ValueError):
+        raise ValueError(f"SamplingParams.logit_bias={value!r} is invalid: must map token ids (ints >= 0) "
+                         "to biases") from None
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -85,6 +172,7 @@ class CompletionOutput:
     finish_reason: str | None  # "stop" | "length" | "error"
     logprobs: list[dict[int, float]] | None = None  # per generated token: {token_id: logprob}
     stop_reason: int | str | None = None  # the stop string or token id that ended it, if any
+    reasoning_text: str | None = None  # output.reasoning / reasoning_parser: the reasoning block's text
 
 
 @dataclass
@@ -97,6 +185,8 @@ class RequestOutput:
     error: str | None = None
     finished: bool = True
     lora: str | None = None
+    # prompt_logprobs: per prompt token {token_id: logprob} (its own and the top-k), None for the first
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def num_generated_tokens(self) -> int:

@@ -13,15 +13,20 @@ from benchmarks.workloads import Workload
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
+# The penalties-on run of W2 (peer "batchgen-penalties"): every row pays for the logits processors.
+PENALTIES = dict(repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5)
+
+
 def run_batchgen(model_dir: str, dtype: str, wl: Workload, use_lora: bool = False, per_adapter: bool = False,
-                 **engine) -> dict:
+                 sampling: dict | None = None, **engine) -> dict:
     from batchgen import LLM, SamplingParams
 
     llm = LLM(model_dir, dtype=dtype, **{**wl.engine, **engine})
     warmup = [[7] * 40, [9] * 24]  # shares no prefix with any workload row
     llm.generate(warmup, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     before = llm.stats()
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=wl.ignore_eos) for m in wl.max_tokens]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=wl.ignore_eos, **(sampling or {}))
+              for m in wl.max_tokens]
     t = time.perf_counter()
     if per_adapter:  # the naive way to serve many adapters: one batch per adapter, one after another
         outs = []
@@ -43,7 +48,8 @@ def run_batchgen(model_dir: str, dtype: str, wl: Workload, use_lora: bool = Fals
                 engine_overhead=(step - model) / step if step else 0.0,
                 prefix_cache_hit_rate=(s["cached_prompt_tokens"] - before["cached_prompt_tokens"])
                 / max(1, s["prompt_tokens"] - before["prompt_tokens"]),
-                steps=s["steps"] - before["steps"])
+                steps=s["steps"] - before["steps"],
+                mean_step_ms=1000 * step / max(1, s["steps"] - before["steps"]))
 
 
 def _hf_model(model_dir: str, dtype: str):

@@ -21,6 +21,7 @@ from benchmarks import workloads as W
 
 PEERS = ("batchgen", "batchgen-no-cache", "hf-static", "hf-batch")
 WORKLOAD_PEERS = {
+    "W2": ("batchgen", "batchgen-penalties", "batchgen-no-cache", "hf-static", "hf-batch"),
     "D": ("batchgen",),  # batchgen's decode MFU at large batch
     "W4": ("batchgen", "base-model", "one-batch-per-adapter"),  # batchgen: all adapters mixed
     "W5-b1": ("batchgen", "no-speculation"),  # batchgen: n-gram speculation
@@ -53,6 +54,8 @@ def run_one(peer: str, workload: str, quick: bool, dtype: str) -> dict:
     elif peer == "batchgen":
         r = peers.run_batchgen(model_dir, dtype, wl)
         r["optimal_hit_rate"] = wl.optimal_hit_rate()
+    elif peer == "batchgen-penalties":  # repetition/presence/frequency penalties on every row
+        r = peers.run_batchgen(model_dir, dtype, wl, sampling=peers.PENALTIES)
     elif peer == "batchgen-no-cache":
         r = peers.run_batchgen(model_dir, dtype, wl, enable_prefix_caching=False)
     elif peer == "hf-static":
@@ -130,6 +133,9 @@ def _report(results: list[dict], peak: float, dtype: str, device, quick: bool) -
         if r["peer"] == "batchgen" and "optimal_hit_rate" in r:
             notes += (f"; prefix hit rate {r['prefix_cache_hit_rate']:.1%} "
                       f"(optimum {r['optimal_hit_rate']:.1%})")
+        if r["peer"] == "batchgen-penalties" and ours and "mean_step_ms" in ours:
+            notes += (f"; mean step {r['mean_step_ms']:.2f} ms vs {ours['mean_step_ms']:.2f} ms without penalties "
+                      f"({r['mean_step_ms'] / ours['mean_step_ms'] - 1:+.1%})")
         if r.get("spec_acceptance_rate") is not None:
             notes += (f"; n-gram acceptance {r['spec_acceptance_rate']:.0%}, "
                       f"{r['spec_mean_accepted_length']:.2f} tokens per verify step")

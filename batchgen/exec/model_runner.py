@@ -14,6 +14,7 @@ import torch
 
 from batchgen.cache.kv_manager import cdiv
 from batchgen.exec.attention import AttentionMetadata, ChunkSegment, SingleGroup
+from batchgen.exec.prompt_logprobs import chunk_prompt_logprobs, needs_prompt_logprobs
 from batchgen.exec.rejection import verify_greedy, verify_sampled
 from batchgen.exec.sampler import Sampler, filtered_probs
 from batchgen.sched.output import ModelOutput, ScheduledRequest, SchedulerOutput
@@ -127,10 +128,11 @@ class ModelRunner:
             hidden = self.graphs.run(input_ids, positions, meta)  # [tokens, hidden]
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [tokens, hidden]
+        prompt_logprobs = self._prompt_logprobs(hidden, batch)
         sampled = [i for i in order if rows[i].sample]  # scheduled indices, in batch order
         if not sampled:
             self.model_seconds += time.perf_counter() - t
-            return ModelOutput([], [])
+            return ModelOutput([], [], prompt_logprobs=prompt_logprobs)
         # Logits at each sampled row's last position, and at the positions of its proposals.
         if any(proposals):
             idx, starts = [], {}
@@ -154,7 +156,19 @@ class ModelRunner:
             logprobs=[result[i][1] for i in in_order],
             accepted=[result[i][2] for i in in_order] if self.proposer is not None else None,
             num_proposed=[len(proposals[i]) for i in in_order] if self.proposer is not None else None,
+            prompt_logprobs=prompt_logprobs,
         )
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, batch: list[ScheduledRequest]) -> dict | None:
+        """Rows asking for prompt_logprobs whose chunk lies in the prompt: scored chunk by chunk."""
+        if not any(needs_prompt_logprobs(r) for r in batch):
+            return None
+        out, offset = {}, 0
+        for r in batch:
+            if needs_prompt_logprobs(r):
+                out[r.request_id] = chunk_prompt_logprobs(self.model, hidden[offset:offset + r.num_tokens], r)
+            offset += r.num_tokens
+        return out
 
     def _graphable(self, meta: AttentionMetadata, num_tokens: int) -> bool:
         """Decode-only (one token per row), no adapter in the batch, and a captured size fits."""

@@ -1,6 +1,7 @@
 """Token sampling for a batch of rows with per-row parameters.
 
-Order of operations, per row: min_tokens suppression of stop ids, then greedy (temperature 0) or
+Order of operations, per row: (structured-output mask), penalties, logit_bias and bans
+(batchgen.exec.penalties), min_tokens suppression of stop ids, then greedy (temperature 0) or
 temperature -> top-k -> top-p -> min-p -> draw. A draw is argmax(p / E) with E ~ Exp(1) drawn from the
 row's own generator when it has a seed (the same text whatever else is in the batch) and from the
 engine's shared generator otherwise: argmax(p_i / E_i) picks token i with probability p_i.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from batchgen.exec.penalties import LogitsProcessors
 from batchgen.models import fused
 from batchgen.sched.output import ScheduledRequest
 
@@ -20,10 +22,12 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.row_generators: dict[str, torch.Generator] = {}
+        self.processors = LogitsProcessors(device)
 
     def forget(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.row_generators.pop(rid, None)
+        self.processors.forget(request_ids)
 
     def generator_for(self, row: ScheduledRequest) -> torch.Generator:
         """The row's own generator when it has a seed, else the shared one."""
@@ -39,7 +43,8 @@ class Sampler:
                  ) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits: [rows, vocab] in any float dtype. Returns the sampled token and, where asked, top
         logprobs per row."""
-        if all(r.params.greedy and r.params.logprobs is None and not self._suppress_stop(r) for r in rows):
+        if all(r.params.greedy and r.params.logprobs is None and not self._suppress_stop(r)
+               and not r.params.uses_logits_processors and r.forced_token is None for r in rows):
             # Pure greedy: argmax of the logits as they are. Upcasting is exact, so this is the token
             # the fp32 path picks, without a [rows, vocab] fp32 copy.
             return fused.argmax(logits).tolist(), [None] * len(rows)
@@ -48,6 +53,8 @@ class Sampler:
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [rows, vocab]
 
+        # Structured outputs: the grammar bitmask goes here, before every other processor.
+        logits = self.processors.apply(logits, rows)  # penalties, logit_bias, allowed ids, bad words
         for i, r in enumerate(rows):
             if self._suppress_stop(r):
                 logits[i, list(r.stop_ids)] = float("-inf")
@@ -57,6 +64,9 @@ class Sampler:
         if random_rows:
             tokens[random_rows] = self._sample(logits[random_rows], [rows[i] for i in random_rows])
         token_list = tokens.tolist()
+        for i, r in enumerate(rows):
+            if r.forced_token is not None:  # thinking_token_budget: the end marker, whatever was drawn
+                token_list[i] = r.forced_token
 
         logprobs: list[dict[int, float] | None] = [None] * len(rows)
         if raw_logprobs is not None:

@@ -24,12 +24,25 @@ _THROUGHPUT_ONLY = {"device", "max_num_seqs", "max_num_batched_tokens", "block_s
                     "enforce_eager"}
 
 
+# SamplingParams fields added after outputs were first written: left out at their defaults, so
+# those outputs keep their fingerprint (and resume).
+_LATER_SAMPLING_DEFAULTS = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                            "logit_bias": None, "allowed_token_ids": None, "bad_words": None,
+                            "include_stop_str_in_output": False, "truncate_prompt_tokens": None,
+                            "repetition_detection": None, "prompt_logprobs": None, "thinking_token_budget": None}
+
+
+def _sampling(params) -> dict[str, Any]:
+    values = dataclasses.asdict(params)
+    return {k: v for k, v in values.items() if k not in _LATER_SAMPLING_DEFAULTS or v != _LATER_SAMPLING_DEFAULTS[k]}
+
+
 def job_fingerprint(spec: JobSpec, shards: list[Shard]) -> dict[str, Any]:
     """A JSON-plain dict (lists, not tuples), so it compares equal to the copy read from the manifest."""
     inp = spec.input
     fingerprint = {
         "model": {"path": spec.model.path, "dtype": spec.model.dtype},
-        "sampling": dataclasses.asdict(spec.sampling),
+        "sampling": _sampling(spec.sampling),
         "engine": {k: v for k, v in sorted(spec.engine.items()) if k not in _THROUGHPUT_ONLY},
         "input": {
             "format": inp.format, "id_column": inp.id_column, "prompt_column": inp.prompt_column,
@@ -39,6 +52,14 @@ def job_fingerprint(spec: JobSpec, shards: list[Shard]) -> dict[str, Any]:
         "output": {"keep_columns": spec.output.keep_columns},  # a tuple becomes a list in the JSON round trip
         "on_error": spec.on_error,
     }
+    # Only when set, as lora below: outputs of jobs without them keep their fingerprint.
+    if spec.input.chat_template_kwargs:
+        fingerprint["input"]["chat_template_kwargs"] = spec.input.chat_template_kwargs
+    if spec.output.reasoning is not None:
+        fingerprint["output"]["reasoning"] = list(spec.output.reasoning)
+    if spec.task != "generate":
+        fingerprint["task"] = spec.task
+        fingerprint["score"] = dataclasses.asdict(spec.score)
     if spec.lora is not None:  # only when set: outputs of jobs without adapters keep their fingerprint
         fingerprint["lora"] = {"adapters": dict(sorted(spec.lora.adapters.items())), "column": spec.lora.column}
     return json.loads(json.dumps(fingerprint))

@@ -13,12 +13,18 @@ URLS = ("/v1/chat/completions", "/v1/completions")
 
 # body field -> SamplingParams field
 _SAMPLING = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
-             "top_p": "top_p", "seed": "seed", "stop": "stop", "n": "n"}
+             "top_p": "top_p", "seed": "seed", "stop": "stop", "n": "n",
+             "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty", "logit_bias": "logit_bias",
+             # vLLM's extra body fields
+             "repetition_penalty": "repetition_penalty", "top_k": "top_k", "min_p": "min_p", "min_tokens": "min_tokens",
+             "allowed_token_ids": "allowed_token_ids", "bad_words": "bad_words",
+             "include_stop_str_in_output": "include_stop_str_in_output",
+             "truncate_prompt_tokens": "truncate_prompt_tokens", "chat_template_kwargs": "chat_template_kwargs",
+             "thinking_token_budget": "thinking_token_budget"}
 # Fields that do not change what is generated.
 _IGNORED = {"model", "user", "metadata", "store", "service_tier"}
 # Fields accepted only at the value that means "off".
-_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "stream": False, "logit_bias": None,
-            "parallel_tool_calls": None, "tools": None, "tool_choice": None}
+_NEUTRAL = {"stream": False, "parallel_tool_calls": None, "tools": None, "tool_choice": None}
 
 
 class OpenAIBatchError(ValueError):

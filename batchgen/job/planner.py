@@ -22,7 +22,8 @@ from batchgen.job.reader import SAMPLING_FIELDS, Row
 from batchgen.job.spec import JobSpec
 from batchgen.sampling import SamplingParams
 
-_INT_FIELDS = {"n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs"}
+_INT_FIELDS = {"n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "truncate_prompt_tokens",
+               "prompt_logprobs", "thinking_token_budget"}
 
 
 class RowError(ValueError):
@@ -36,6 +37,7 @@ class Planned:
     params: SamplingParams | None = None
     error: str | None = None
     lora: str | None = None  # the adapter this row runs with; None: the base model
+    score_start: int | None = None  # task: score: the completion's first token (prompt tokens before it)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -55,6 +57,8 @@ class Planner:
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.lora_column = spec.lora.column if spec.lora is not None else None
         self.adapters = tuple(spec.lora.adapters) if spec.lora is not None else ()
+        self.chat_template_kwargs = dict(spec.input.chat_template_kwargs or {})
+        self.score = spec.score if spec.task == "score" else None
 
     def windows(self, rows: Iterable[Row], size: int) -> Iterator[list[Planned]]:
         window: list[Row] = []
@@ -68,6 +72,8 @@ class Planner:
 
     def plan(self, rows: list[Row]) -> list[Planned]:
         """Bad rows first (input order), then the good ones sorted by token ids."""
+        if self.score is not None:
+            return self._plan_scores(rows)
         bad: list[Planned] = []
         chat: list[tuple[Planned, str]] = []
         plain: list[tuple[Planned, str]] = []
@@ -79,7 +85,7 @@ class Planner:
                 item.params = self.row_params(row.data)
                 item.lora = self.row_adapter(row.data)
                 if row.messages is not None:
-                    chat.append((item, self._render(row.messages)))
+                    chat.append((item, self._render(row.messages, row.data)))
                 else:
                     plain.append((item, self._prompt(row)))
             except RowError as e:
@@ -148,14 +154,62 @@ class Planner:
             raise RowError(f"{self.prompt_column!r} is empty")
         return prompt
 
-    def _render(self, messages: Any) -> str:
+    def _plan_scores(self, rows: list[Row]) -> list[Planned]:
+        """task: score: prompt and completion tokenized apart (the boundary is a token boundary)."""
+        from batchgen.job.score import render_score_row, score_params
+
+        bad, good = [], []
+        for row in rows:
+            item = Planned(row, params=score_params(self.score))
+            try:
+                if row.error is not None:
+                    raise RowError(row.error)
+                item.lora = self.row_adapter(row.data)
+                prompt, completion, special = render_score_row(self, row)
+                prompt_ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+                completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
+                if not prompt_ids:
+                    raise RowError("the prompt encodes to no tokens: the completion's first token has no context")
+                if not completion_ids:
+                    raise RowError("the completion encodes to no tokens")
+                n = len(prompt_ids) + len(completion_ids)
+                if n > self.max_model_len:
+                    raise RowError(f"prompt and completion have {n} tokens, but max_model_len is {self.max_model_len}")
+                item.token_ids = array("i", prompt_ids + completion_ids)
+                item.score_start = len(prompt_ids)
+                good.append(item)
+            except RowError as e:
+                item.error = str(e)
+                bad.append(item)
+        return bad + sorted(good, key=lambda item: (item.lora or "", item.token_ids))
+
+    def row_chat_template_kwargs(self, data: dict[str, Any] | None) -> dict[str, Any]:
+        """input.chat_template_kwargs with the row's chat_template_kwargs column merged over it."""
+        row = (data or {}).get("chat_template_kwargs")
+        if row is None:
+            return self.chat_template_kwargs
+        if isinstance(row, str):  # a JSON object in a string column
+            import json
+
+            try:
+                row = json.loads(row)
+            except ValueError:
+                row = None
+        if not isinstance(row, dict):
+            raise RowError("'chat_template_kwargs' must be an object of template variables, "
+                           f"got {_describe((data or {}).get('chat_template_kwargs'))}")
+        return {**self.chat_template_kwargs, **{k: v for k, v in row.items() if v is not None}}
+
+    def _render(self, messages: Any, data: dict[str, Any] | None = None, add_generation_prompt: bool = True) -> str:
         if not self.has_chat_template:
             raise RowError("the model's tokenizer has no chat template; use prompt rows")
         messages = _chat_messages(messages, self.messages_column)
         if self.system_prompt is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.system_prompt})  # the row's own one wins
+        kwargs = self.row_chat_template_kwargs(data)
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt, **kwargs)
         except Exception as e:  # noqa: BLE001 - a template raising on one row (jinja errors, bad roles) is that row's error
             raise RowError(f"chat template failed: {type(e).__name__}: {e}") from None
 
@@ -170,6 +224,8 @@ class Planner:
         for (item, _), ids in zip(items, encoded, strict=True):
             if ids is None:
                 continue
+            if item.params is not None and item.params.truncate_prompt_tokens is not None:
+                ids = ids[-item.params.truncate_prompt_tokens:]  # vLLM: the last N tokens
             item.token_ids = array("i", ids)
             if not ids:
                 item.error = "the prompt encodes to no tokens"

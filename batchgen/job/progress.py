@@ -44,6 +44,8 @@ def postfix(tokens_per_s: float, stats: dict[str, Any]) -> str:
     text = f"{tokens_per_s:.0f} tok/s, prefix hit {stats.get('prefix_cache_hit_rate', 0.0):.0%}"
     if stats.get("spec_acceptance_rate") is not None:
         text += f", spec accept {stats['spec_acceptance_rate']:.0%}"
+    if "reasoning_tokens" in stats:  # output.reasoning: finished rows' reasoning and answer tokens
+        text += f", reasoning {stats['reasoning_tokens']} / answer {stats['answer_tokens']} tok"
     return text
 
 
@@ -63,4 +65,6 @@ def format_summary(stats: dict[str, Any]) -> str:
             + (f"; speculative acceptance {run['spec_acceptance_rate']:.1%} "
                f"({run.get('spec_mean_accepted_length', 0.0):.2f} tokens per verify step)"
                if run.get("spec_acceptance_rate") is not None else "")
+            + (f"; {run['reasoning_tokens']} reasoning and {run['answer_tokens']} answer tokens"
+               if "reasoning_tokens" in run else "")
             + (f"; {run['data_parallel']} engine processes" if run.get("data_parallel", 1) > 1 else ""))

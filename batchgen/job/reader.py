@@ -34,6 +34,7 @@ from batchgen.sampling import SamplingParams
 
 _BATCH_ROWS = 1024
 SAMPLING_FIELDS = frozenset(SamplingParams.field_names())
+ROW_OVERRIDES = SAMPLING_FIELDS | {"chat_template_kwargs"}  # columns read whenever present
 
 
 @dataclass(slots=True)
@@ -148,7 +149,7 @@ class Reader:
         if self.columns is None:
             return None
         s = self.spec
-        return self.columns | SAMPLING_FIELDS | {c for c in (s.id_column, s.prompt_column, s.messages_column) if c}
+        return self.columns | ROW_OVERRIDES | {c for c in (s.id_column, s.prompt_column, s.messages_column) if c}
 
     def _plain_rows(self, shard: Shard, records: Iterator[tuple[int, Any, str | None]]) -> Iterator[Row]:
         s = self.spec

@@ -290,5 +290,6 @@ class _Run:
                    output_tokens_per_s=run["generated_tokens"] / loop,
                    prefix_cache_hit_rate=engine_stats.get("prefix_cache_hit_rate", 0.0))
         run.update({k: engine_stats[k] for k in SPEC_STATS if k in engine_stats})
+        run.update({k: engine_stats[k] for k in ("reasoning_tokens", "answer_tokens") if k in engine_stats})
         run["engine"] = engine_stats
         return run

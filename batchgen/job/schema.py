@@ -37,15 +37,17 @@ _LOGPROB_ENTRY = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32()),
 
 
 class OutputSchema:
-    def __init__(self, kept: pa.Schema, list_output: bool, with_logprobs: bool):
+    def __init__(self, kept: pa.Schema, list_output: bool, with_logprobs: bool, with_reasoning: bool = False):
         self.kept = kept
         # (output name, input key): they differ only for a key that is not valid Unicode (column_field).
         self._kept_sources = [(f.name, source_key(f)) for f in kept]
         self.list_output = list_output
         self.with_logprobs = with_logprobs
+        self.with_reasoning = with_reasoning  # output.reasoning: a reasoning_text column after generated_text
         text = pa.list_(pa.string()) if list_output else pa.string()
         fields = [pa.field("id", pa.string()), *kept,
-                  pa.field("generated_text", text), pa.field("finish_reason", text),
+                  pa.field("generated_text", text),
+                  *([pa.field("reasoning_text", text)] if with_reasoning else []), pa.field("finish_reason", text),
                   pa.field("num_prompt_tokens", pa.int64()), pa.field("num_generated_tokens", pa.int64()),
                   pa.field("num_cached_tokens", pa.int64()), pa.field("error", pa.string())]
         if with_logprobs:
@@ -57,7 +59,12 @@ class OutputSchema:
 
     @classmethod
     def for_job(cls, spec: JobSpec, input_schema: pa.Schema | None, first_rows: list[Row]) -> OutputSchema:
-        return cls(_kept_schema(spec, input_schema, first_rows), spec.list_output, spec.with_logprobs)
+        kept = _kept_schema(spec, input_schema, first_rows)
+        if spec.task == "score":
+            from batchgen.job.score import ScoreSchema
+
+            return ScoreSchema(kept, spec.score.top_logprobs)
+        return cls(kept, spec.list_output, spec.with_logprobs, spec.output.reasoning is not None)
 
     # ---- records --------------------------------------------------------------------------------
 
@@ -71,6 +78,9 @@ class OutputSchema:
                       num_prompt_tokens=len(out.prompt_token_ids),
                       num_generated_tokens=out.num_generated_tokens,
                       num_cached_tokens=out.num_cached_tokens)
+        if self.with_reasoning:
+            reasoning = [c.reasoning_text or "" for c in out.outputs]
+            record["reasoning_text"] = reasoning if self.list_output else reasoning[0]
         if self.with_logprobs:
             k = item.params.logprobs or 0
             entries = [_logprob_entries(c, k) for c in out.outputs]
@@ -97,19 +107,34 @@ class OutputSchema:
     # ---- persistence (the manifest keeps it so that a resumed run writes the same schema) -------
 
     def to_json(self) -> dict[str, Any]:
-        return {"kept": base64.b64encode(self.kept.serialize().to_pybytes()).decode("ascii"),
+        data = {"kept": base64.b64encode(self.kept.serialize().to_pybytes()).decode("ascii"),
                 "list_output": self.list_output, "with_logprobs": self.with_logprobs}
+        if self.with_reasoning:
+            data["with_reasoning"] = True
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> OutputSchema:
         kept = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(data["kept"])))
-        return cls(kept, data["list_output"], data["with_logprobs"])
+        if data.get("task") == "score":
+            from batchgen.job.score import ScoreSchema
+
+            return ScoreSchema(kept, data["top_logprobs"])
+        return cls(kept, data["list_output"], data["with_logprobs"], data.get("with_reasoning", False))
 
 
 def _kept_schema(spec: JobSpec, input_schema: pa.Schema | None, rows: list[Row]) -> pa.Schema:
     keep = spec.output.keep_columns
     if keep == "none":
         return pa.schema([])
+    reserved = set(OUTPUT_COLUMNS)  # and the columns this job's options add
+    if spec.output.reasoning is not None:
+        reserved.add("reasoning_text")
+    if spec.task == "score":
+        from batchgen.job.score import score_fields
+
+        reserved.update(["num_completion_tokens", "completion_logprobs", "sum_logprob", "mean_logprob",
+                         "perplexity"], [f.name for f in score_fields(spec.score.top_logprobs)])
     if input_schema is None:  # no reader profile at hand (in-process callers): decide from these rows alone
         profile = ColumnProfile()
         for r in rows:
@@ -117,11 +142,11 @@ def _kept_schema(spec: JobSpec, input_schema: pa.Schema | None, rows: list[Row])
         input_schema = profile.schema()
     if keep == "all":
         names = input_schema.names
-        dropped = [n for n in names if n in OUTPUT_COLUMNS and n != spec.input.id_column]
+        dropped = [n for n in names if n in reserved and n != spec.input.id_column]
         if dropped:
             logger.warning("input columns %s are not passed through: output columns have those names", dropped)
         # The id column is already the output's `id`.
-        names = [n for n in names if n not in OUTPUT_COLUMNS and n != spec.input.id_column]
+        names = [n for n in names if n not in reserved and n != spec.input.id_column]
     else:
         names = list(keep)
     return pa.schema([input_schema.field(n) if n in input_schema.names else column_field(n, pa.string())

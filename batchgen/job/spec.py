@@ -47,6 +47,9 @@ class InputSpec:
     group_window: int = 100_000
     split: str | None = None  # hf-dataset: which split (default: the only one, or 'train')
     base_dir: str = "."  # the job file's directory: generated ids name shards relative to it
+    # template variables for every row (e.g. {enable_thinking: false}); a row's chat_template_kwargs
+    # column is merged over them
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class OutputSpec:
     commit_every_rows: int = 1000
     commit_every_seconds: float = 60.0
     keep_columns: str | tuple[str, ...] = "all"  # "all", "none" or the column names
+    # (start, end) markers of the reasoning block (batchgen/reasoning.py): a reasoning_text column
+    reasoning: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class JobSpec:
     speculative: dict[str, Any] | None = None  # SpeculativeConfig arguments; None: off
     lora: LoraSpec | None = None
     sharding: ShardingSpec = field(default_factory=ShardingSpec)
+    task: str = "generate"  # or "score" (batchgen/job/score.py)
+    score: Any = None  # batchgen.job.score.ScoreSpec for task: score
 
     def engine_config(self, **changes: Any) -> EngineConfig:
         args = dict(self.engine)
@@ -99,6 +106,8 @@ class JobSpec:
         if self.lora is not None:
             args.update(lora_adapters=dict(self.lora.adapters), max_loras=self.lora.max_loras,
                         max_lora_rank=self.lora.max_lora_rank)
+        if self.output.reasoning is not None:
+            args["reasoning_parser"] = {"start": self.output.reasoning[0], "end": self.output.reasoning[1]}
         args.update(changes)
         return EngineConfig.from_kwargs(model=self.model.path, dtype=self.model.dtype, **args)
 
@@ -118,6 +127,8 @@ class JobSpec:
         if keep == "all":
             return None
         columns = set(() if keep == "none" else keep)
+        if self.task == "score":
+            columns.add(self.score.completion_column)
         if self.lora is not None:
             columns.add(self.lora.column)  # read to route the row, whether or not it is kept
         return columns
@@ -168,7 +179,8 @@ def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> Any:
 
 # ---- parsing ------------------------------------------------------------------------------------
 
-_SECTIONS = ("model", "input", "output", "sampling", "engine", "speculative", "lora", "sharding", "on_error")
+_SECTIONS = ("model", "input", "output", "sampling", "engine", "speculative", "lora", "sharding", "on_error",
+             "task", "score")
 
 
 def _parse(raw: Any, base_dir: str, source: str | None) -> JobSpec:
@@ -179,6 +191,7 @@ def _parse(raw: Any, base_dir: str, source: str | None) -> JobSpec:
     sampling = top.section("sampling")
     engine = top.section("engine")
     on_error = top.choice("on_error", ON_ERROR, "record")
+    task = top.choice("task", ("generate", "score"), "generate")
     top.done(_SECTIONS)
     speculative = _speculative(top.get("speculative"), base_dir)
     lora = _lora(top.get("lora"), base_dir)
@@ -198,6 +211,7 @@ def _parse(raw: Any, base_dir: str, source: str | None) -> JobSpec:
         group_window=inp.integer("group_window", 100_000, minimum=1),
         split=inp.string("split", None, nullable=True),
         base_dir=base_dir,
+        chat_template_kwargs=_template_kwargs(inp.get("chat_template_kwargs")),
     )
     inp.done(_INPUT_FIELDS)
     if input_spec.prompt_column is None and input_spec.messages_column is None \
@@ -210,13 +224,46 @@ def _parse(raw: Any, base_dir: str, source: str | None) -> JobSpec:
         commit_every_rows=out.integer("commit_every_rows", 1000, minimum=1),
         commit_every_seconds=out.number("commit_every_seconds", 60.0, minimum=0.0),
         keep_columns=_keep_columns(out),
+        reasoning=_reasoning(out.get("reasoning")),
     )
     out.done(_OUTPUT_FIELDS)
 
     params = _sampling(sampling)
     engine_args = _engine(engine)
+    score = _score(top.get("score"), task)
     return JobSpec(model_spec, input_spec, output_spec, params, engine_args, on_error, source,
-                   speculative=speculative, lora=lora, sharding=sharding)
+                   speculative=speculative, lora=lora, sharding=sharding, task=task, score=score)
+
+
+def _template_kwargs(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise JobSpecError(f"input.chat_template_kwargs: {value!r} is not allowed; expected a mapping of "
+                           "template variables, e.g. {enable_thinking: false}")
+    return dict(value)
+
+
+def _reasoning(value: Any) -> tuple[str, str] | None:
+    from batchgen.reasoning import parse_reasoning
+
+    try:
+        return parse_reasoning(value)
+    except ValueError as e:
+        raise JobSpecError(f"output.reasoning: {e}") from None
+
+
+def _score(value: Any, task: str):
+    from batchgen.job.score import parse_score
+
+    if task != "score":
+        if value is not None:
+            raise JobSpecError("score: is only allowed with task: score")
+        return None
+    try:
+        return parse_score(value)
+    except ValueError as e:
+        raise JobSpecError(str(e)) from None
 
 
 def _input_paths(inp: _Section, base_dir: str) -> tuple[str, ...]:
@@ -447,7 +494,7 @@ class _Section:
 
 _MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelSpec)]
 _INPUT_FIELDS = ["path", "format", "id_column", "prompt_column", "messages_column", "system_prompt",
-                 "group_window", "split"]
+                 "group_window", "split", "chat_template_kwargs"]
 _OUTPUT_FIELDS = [f.name for f in dataclasses.fields(OutputSpec)]
 
 

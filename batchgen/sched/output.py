@@ -23,6 +23,7 @@ class ScheduledRequest:
     num_spec: int = 0
     all_token_ids: list[int] | None = None
     lora_slot: int = -1  # device slot of the row's LoRA adapter; -1: base model
+    forced_token: int | None = None  # thinking_token_budget spent: this step yields this token
 
     @property
     def num_tokens(self) -> int:
@@ -48,3 +49,5 @@ class ModelOutput:
     logprobs: list[dict[int, float] | None]
     accepted: list[list[int]] | None = None  # proposals the target accepted, per row; None: no speculation
     num_proposed: list[int] | None = None  # proposals verified, per row
+    # prompt_logprobs: request id -> (index of the first prompt token scored, [{token id: logprob}])
+    prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]] | None = None

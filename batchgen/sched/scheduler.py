@@ -101,8 +101,10 @@ class Scheduler:
                 num_output_tokens=req.num_output_tokens,
                 stop_ids=req.stop_ids,
                 num_spec=spec,
-                all_token_ids=req.token_ids if spec else None,
+                all_token_ids=req.token_ids if spec or req.params.uses_logits_processors
+                or req.params.prompt_logprobs is not None else None,
                 lora_slot=self._lora_slot(req),
+                forced_token=req.budget.forced_token() if req.budget is not None else None,
             )
             for req, n, spec in plan
         ]
@@ -114,10 +116,12 @@ class Scheduler:
 
     def _num_spec(self, req: Request) -> int:
         """Proposals worth verifying for a decoding request: never past max_tokens or max_model_len,
-        none while min_tokens suppresses stop tokens or when per-token logprobs are asked for."""
+        none while min_tokens suppresses stop tokens, when per-token logprobs are asked for, for rows
+        with logits processors (penalties, biases, bans) or a thinking budget."""
         k = self.config.num_speculative_tokens
         p = req.params
-        if not k or p.logprobs is not None or req.num_output_tokens < p.min_tokens:
+        if not k or p.logprobs is not None or req.num_output_tokens < p.min_tokens or p.uses_logits_processors \
+                or req.budget is not None:
             return 0
         room = self.config.max_model_len - req.num_tokens - 1
         if p.max_tokens is not None:
@@ -131,7 +135,10 @@ class Scheduler:
         instead of computing the same prefix twice in one batch."""
         bs = self.kv.block_size
         window = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.config.admission_window))]
-        matched = [(req, self.kv.match_prefix(req) if req.num_computed_tokens == 0 else []) for req in window]
+        # prompt_logprobs needs logits at every prompt position: such requests recompute their prefix
+        # (as vLLM does) instead of reusing cached blocks, which have no logits.
+        matched = [(req, self.kv.match_prefix(req) if req.num_computed_tokens == 0
+                    and req.params.prompt_logprobs is None else []) for req in window]
         sharing = self.kv.radix is not None
         if sharing:
             matched.sort(key=lambda m: -len(m[1]))  # stable: the queue's order among equals
@@ -142,7 +149,7 @@ class Scheduler:
         for req, hits in matched:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if admitted and hits:
+            if admitted and hits and req.params.prompt_logprobs is None:
                 hits = self.kv.match_prefix(req)  # admissions before it may have evicted some
             key = self._next_block_key(req, len(hits)) if sharing else None
             if key is not None and key in in_progress:
@@ -183,6 +190,8 @@ class Scheduler:
         finished: list[Request] = []
         i = 0  # index into the sampled rows of `out`
         for req, n, spec in self._plan:
+            if out.prompt_logprobs and req.request_id in out.prompt_logprobs:
+                _add_prompt_logprobs(req, *out.prompt_logprobs[req.request_id])
             if req.num_computed_tokens + n - spec < req.num_tokens:
                 req.num_computed_tokens += n  # a prefill chunk short of the end samples nothing
                 self.kv.cache_full_blocks(req)
@@ -200,6 +209,8 @@ class Scheduler:
                 req.token_ids.append(t)
                 if req.logprobs is not None:
                     req.logprobs.append(logprobs)
+                if req.budget is not None:
+                    req.budget.observe(req.token_ids)
                 reason = self._stop_reason(req, t)
                 if reason is not None:
                     break
@@ -230,6 +241,8 @@ class Scheduler:
             if token in p.stop_token_ids:
                 req.stop_reason = token
             return "stop"
+        if req.repetition is not None and req.repetition.observe(req.token_ids, req.num_prompt_tokens):
+            return "repetition"
         if p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
             return "length"
         if req.num_tokens >= self.config.max_model_len:
@@ -268,3 +281,10 @@ class Scheduler:
     def _release_lora(self, req: Request) -> None:
         if req.lora is not None and self.lora_slots is not None:
             self.lora_slots.release(req.lora)
+
+
+def _add_prompt_logprobs(req: Request, first: int, entries: list) -> None:
+    """Append a chunk's prompt logprobs; a recompute after preemption scores tokens again: skip those."""
+    have = len(req.prompt_logprobs)
+    if first + len(entries) > have:
+        req.prompt_logprobs.extend(entries[have - first:])

@@ -125,7 +125,7 @@ def test_openai_batch_input(tmp_path):
         {"custom_id": "task-2", "method": "POST", "url": "/v1/completions",
          "body": {"model": "gpt-3.5-turbo-instruct", "prompt": "Roses are red,", "max_tokens": 5, "temperature": 0}},
         {"custom_id": "task-3", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"messages": chat("x"), "presence_penalty": 1.0}},
+         "body": {"messages": chat("x"), "functions": [{"name": "f"}]}},
     ])
     job = make_job(tmp_path, "batch.jsonl")
     result = run_cli("run", str(job))
@@ -133,7 +133,7 @@ def test_openai_batch_input(tmp_path):
     by_id = {r["id"]: r for r in visible_rows(tmp_path / "out")}
     assert set(by_id) == {"task-1", "task-2", "task-3"}
     assert by_id["task-1"]["num_generated_tokens"] <= 4 and by_id["task-2"]["num_generated_tokens"] <= 5
-    assert by_id["task-3"]["error"] == "line 3: body.presence_penalty is not supported"
+    assert by_id["task-3"]["error"] == "line 3: body.functions is not supported"
 
 
 KILL_ROWS = [{"id": f"r{i:02d}", "messages": chat(f"Give me fact number {i} about the ocean.")} for i in range(10)]

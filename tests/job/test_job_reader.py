@@ -82,7 +82,7 @@ def test_openai_batch_lines_map_onto_rows(tmp_path):
                   "frequency_penalty": 0}},
         {"custom_id": "req-2", "url": "/v1/completions", "body": {"prompt": "Once upon", "max_tokens": 4}},
         {"custom_id": "req-3", "url": "/v1/embeddings", "body": {"input": "x"}},
-        {"custom_id": "req-4", "body": {"messages": chat("x"), "presence_penalty": 0.5}},
+        {"custom_id": "req-4", "body": {"messages": chat("x"), "presence_penalty": 0.5, "functions": [{"name": "f"}]}},
         {"custom_id": "req-5"},
         b"not json",
     ])
@@ -91,10 +91,10 @@ def test_openai_batch_lines_map_onto_rows(tmp_path):
     one, two, three, four, five, six = rows
     assert one.id == "req-1" and one.messages == chat("hi") and one.error is None
     assert one.data == {"messages": chat("hi"), "max_tokens": 5, "temperature": 0.2, "top_p": 0.9, "seed": 3,
-                        "stop": ["\n"], "n": 1, "logprobs": 2}
+                        "stop": ["\n"], "n": 1, "logprobs": 2, "frequency_penalty": 0}
     assert two.prompt == "Once upon" and two.data["max_tokens"] == 4
     assert three.id == "req-3" and "url '/v1/embeddings' is not supported" in three.error
-    assert four.error == "line 4: body.presence_penalty is not supported"
+    assert four.error == "line 4: body.functions is not supported"
     assert five.error == "line 5: body is missing or not an object"
     assert six.id.endswith("batch.jsonl:5") and "malformed JSON" in six.error
 
