@@ -75,6 +75,7 @@ class EngineConfig:
     lora_adapters: dict[str, str] | None = None  # adapter name -> PEFT LoRA directory
     max_loras: int = 8  # adapters resident on the device at once (the others wait in CPU memory)
     max_lora_rank: int = 64  # adapters of higher rank are refused at load
+    structured_outputs_compile_timeout: float = 60.0  # seconds a grammar may compile before its row errors
 
     def __post_init__(self) -> None:
         def check(cond: bool, name: str, allowed: str) -> None:
@@ -110,6 +111,10 @@ class EngineConfig:
             "lora_adapters", "a mapping of adapter name -> PEFT adapter directory, or null")
         check(_pos_int(self.max_loras), "max_loras", "an int >= 1")
         check(_pos_int(self.max_lora_rank), "max_lora_rank", "an int >= 1")
+        check(isinstance(self.structured_outputs_compile_timeout, (int, float))
+              and not isinstance(self.structured_outputs_compile_timeout, bool)
+              and self.structured_outputs_compile_timeout > 0,
+              "structured_outputs_compile_timeout", "a number of seconds > 0")
         if self.lora_adapters is not None:
             self.lora_adapters = {k: str(v) for k, v in self.lora_adapters.items()}
 

@@ -33,6 +33,9 @@ class Request:
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.admitted = False  # has been scheduled at least once
+        # Structured outputs: False while the request's grammar compiles (the engine sets it); the
+        # scheduler admits only ready requests.
+        self.grammar_ready = True
         # Tokens that end generation: EOS (unless ignore_eos) and stop_token_ids.
         self.stop_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_token_ids)
 

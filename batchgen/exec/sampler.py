@@ -20,6 +20,8 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.row_generators: dict[str, torch.Generator] = {}
+        # Structured outputs (batchgen.structured.StructuredState): masks grammar-forbidden tokens; set by the engine
+        self.structured = None
 
     def forget(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -39,6 +41,8 @@ class Sampler:
                  ) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits: [rows, vocab] in any float dtype. Returns the sampled token and, where asked, top
         logprobs per row."""
+        if self.structured is not None:  # first: the grammar's mask comes before every other transform
+            logits = self.structured.apply(logits, rows)
         if all(r.params.greedy and r.params.logprobs is None and not self._suppress_stop(r) for r in rows):
             # Pure greedy: argmax of the logits as they are. Upcasting is exact, so this is the token
             # the fp32 path picks, without a [rows, vocab] fp32 copy.

@@ -114,10 +114,13 @@ class Scheduler:
 
     def _num_spec(self, req: Request) -> int:
         """Proposals worth verifying for a decoding request: never past max_tokens or max_model_len,
-        none while min_tokens suppresses stop tokens or when per-token logprobs are asked for."""
+        none while min_tokens suppresses stop tokens, when per-token logprobs are asked for, or for
+        structured outputs (proposals are not checked against the grammar: those rows decode plainly)."""
         k = self.config.num_speculative_tokens
         p = req.params
         if not k or p.logprobs is not None or req.num_output_tokens < p.min_tokens:
+            return 0
+        if p.structured_outputs is not None:
             return 0
         room = self.config.max_model_len - req.num_tokens - 1
         if p.max_tokens is not None:
@@ -142,6 +145,8 @@ class Scheduler:
         for req, hits in matched:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if not req.grammar_ready:
+                continue  # its grammar is still compiling: the others go ahead
             if admitted and hits:
                 hits = self.kv.match_prefix(req)  # admissions before it may have evicted some
             key = self._next_block_key(req, len(hits)) if sharing else None
