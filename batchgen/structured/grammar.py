@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -33,7 +34,8 @@ def build_tokenizer_info(tokenizer, vocab_width: int, stop_token_ids: list[int])
 
 
 class GrammarCompilerPool:
-    """submit(params) -> Future[xgr.CompiledGrammar]; repeats of a grammar share one future."""
+    """submit(params) -> Future[(xgr.CompiledGrammar, time.monotonic() when the compile finished)];
+    repeats of a grammar share one future."""
 
     def __init__(self, tokenizer_info: xgr.TokenizerInfo, max_workers: int = 2, max_entries: int = 1024):
         # xgrammar's own cache is off: this one is keyed by our canonical JSON and bounded by entries.
@@ -60,9 +62,9 @@ class GrammarCompilerPool:
                 self._cache.popitem(last=False)  # the least recently used grammar
         return future
 
-    def _compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
+    def _compile(self, params: StructuredOutputsParams) -> tuple[xgr.CompiledGrammar, float]:
         try:
-            return compile_grammar(self.compiler, params)
+            return compile_grammar(self.compiler, params), time.monotonic()
         except CompileError:
             raise
         except Exception as e:  # noqa: BLE001 - xgrammar reports bad input as RuntimeError/ValueError

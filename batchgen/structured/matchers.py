@@ -71,13 +71,20 @@ class StructuredState:
                 if error is not None:
                     failed.append((w.request, str(error)))
                     continue
-                self.matchers[rid] = xgr.GrammarMatcher(w.future.result(), override_stop_tokens=self.stop_token_ids)
+                grammar, finished_at = w.future.result()
+                if finished_at > w.deadline:  # done by now, but it ran past the request's deadline
+                    failed.append((w.request, self._timeout_message(w.request)))
+                    continue
+                self.matchers[rid] = xgr.GrammarMatcher(grammar, override_stop_tokens=self.stop_token_ids)
                 w.request.grammar_ready = True
             elif now > w.deadline:
                 del self.waiting[rid]  # the compile goes on in its thread; its grammar stays cached
-                failed.append((w.request, f"structured_outputs: compiling the {w.request.params.structured_outputs.kind} "
-                                          f"grammar took longer than {self.compile_timeout:g}s (compile_timeout)"))
+                failed.append((w.request, self._timeout_message(w.request)))
         return failed
+
+    def _timeout_message(self, req: Request) -> str:
+        return (f"structured_outputs: compiling the {req.params.structured_outputs.kind} grammar took longer "
+                f"than {self.compile_timeout:g}s (engine.structured_outputs_compile_timeout)")
 
     def wait(self, timeout: float) -> None:
         """Block until some compile finishes (nothing else can run), at most `timeout` seconds."""
