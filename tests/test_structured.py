@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 import jsonschema
 import pytest
@@ -28,6 +27,33 @@ ITEM = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 1,
 @pytest.fixture(scope="module")
 def llm():
     return LLM("smollm2-135m", dtype="float32", max_model_len=512, max_num_seqs=64, num_kv_blocks=512)
+
+
+@pytest.fixture(scope="module")
+def tiny_full_vocab(tmp_path_factory, smol_dir) -> str:
+    """A random 2-layer Llama with the embedded model's tokenizer and its whole 49152-token vocabulary:
+    grammars need the real vocabulary, the many-row tests need a fast forward."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import TINY
+
+    config = transformers.LlamaConfig(**{**TINY, "vocab_size": 49152}, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    path = tmp_path_factory.mktemp("tiny-full-vocab")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(smol_dir).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_full_vocab):
+    return LLM(tiny_full_vocab, dtype="float32", max_model_len=256, max_num_seqs=256, num_kv_blocks=1024)
 
 
 def _params(schema=None, **kw) -> SamplingParams:
@@ -77,7 +103,7 @@ def test_teacher_forced_greedy_token_is_the_argmax_over_the_allowed_tokens(llm, 
              StructuredOutputsParams(regex=r"[A-Z][a-z]{2,6}-[0-9]{2,3}"),
              StructuredOutputsParams(grammar='root ::= "(" num ("+" num)* ")"\nnum ::= [1-9] [0-9]?')]
     prompts = ["Describe a person as JSON:", "An item record:", "Product code:", "A sum:"]
-    outs = llm.generate(prompts, [_params(so=c, temperature=0.0, max_tokens=48) for c in cases], use_tqdm=False)
+    outs = llm.generate(prompts, [_params(so=c, temperature=0.0, max_tokens=32) for c in cases], use_tqdm=False)
     hf = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
     engine = llm.engine
     for prompt, case, out in zip(prompts, cases, outs):
@@ -102,14 +128,15 @@ def test_teacher_forced_greedy_token_is_the_argmax_over_the_allowed_tokens(llm, 
             assert matcher.is_terminated()
 
 
-def test_mixed_batch_leaves_unconstrained_rows_token_for_token(llm):
+def test_mixed_batch_leaves_unconstrained_rows_token_for_token(tiny):
+    llm = tiny
     plain_prompts = ["The capital of France is", "Once upon a time", "List three colors:", "def add(a, b):"]
     plain = [SamplingParams(max_tokens=12, temperature=0.0, logprobs=0),
              SamplingParams(max_tokens=12, temperature=0.0, logprobs=0),
              SamplingParams(max_tokens=12, temperature=1.0, seed=7, logprobs=0),
              SamplingParams(max_tokens=12, temperature=1.0, seed=11, logprobs=0)]
     alone = llm.generate(plain_prompts, plain, use_tqdm=False)
-    constrained = [_params(PERSON, temperature=1.0, seed=i, max_tokens=12, logprobs=0) for i in range(4)]
+    constrained = [_params(ITEM, temperature=1.0, seed=i, max_tokens=12, logprobs=0) for i in range(4)]
     mixed = llm.generate(plain_prompts + ["JSON:"] * 4, plain + constrained, use_tqdm=False)
     for a, b in zip(alone, mixed[:4]):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -119,10 +146,9 @@ def test_mixed_batch_leaves_unconstrained_rows_token_for_token(llm):
             assert math.isfinite(entry[token]), f"{out.request_id}: NaN/inf logprob for its own token"
     for out in mixed[4:]:
         text = out.outputs[0].text
-        assert PERSON_PREFIX.match(text), text  # 12 tokens: a prefix of the schema's JSON
-
-
-PERSON_PREFIX = re.compile(r'^\{("n|$)')
+        assert '{"id":'.startswith(text) or text.startswith('{"id":'), text  # at least a prefix of the schema's JSON
+        if out.outputs[0].finish_reason == "stop":
+            jsonschema.validate(json.loads(text), ITEM)
 
 
 def test_bad_grammars_error_only_their_row(llm):
@@ -165,7 +191,8 @@ def _distinct_schema(i: int) -> dict:
             "required": [f"k{i}"]}
 
 
-def test_200_distinct_schemas_plus_repeats_compile_once_each(llm):
+def test_200_distinct_schemas_plus_repeats_compile_once_each(tiny):
+    llm = tiny
     before = llm.stats()
     schemas = [_distinct_schema(i) for i in range(200)]
     # Repeats: the same schema with its keys in another order is the same grammar.
@@ -185,7 +212,8 @@ def test_200_distinct_schemas_plus_repeats_compile_once_each(llm):
             jsonschema.validate(value, schemas[i % 200])
 
 
-def test_n_samples_each_follow_the_grammar(llm):
+def test_n_samples_each_follow_the_grammar(tiny):
+    llm = tiny
     out, = llm.generate(["Give a JSON object:"], [SamplingParams(
         n=3, max_tokens=64, temperature=1.0, seed=3, structured_outputs={"json": ITEM})], use_tqdm=False)
     assert len(out.outputs) == 3
@@ -195,23 +223,38 @@ def test_n_samples_each_follow_the_grammar(llm):
         jsonschema.validate(json.loads(c.text), ITEM)
 
 
-def test_preemption_and_speculation_keep_outputs_in_the_grammar():
-    # 16 KV blocks of 16 tokens for 8 rows: rows are preempted and recompute; ngram speculation runs
+def test_preemption_and_speculation_keep_outputs_in_the_grammar(tiny_full_vocab):
+    # 12 KV blocks of 16 tokens for 8 rows: rows are preempted and recompute; ngram speculation runs
     # for the unconstrained rows and is off for the constrained ones.
-    llm = LLM("smollm2-135m", dtype="float32", max_model_len=256, max_num_seqs=8, num_kv_blocks=16,
+    llm = LLM(tiny_full_vocab, dtype="float32", max_model_len=256, max_num_seqs=8, num_kv_blocks=12,
               speculative={"method": "ngram", "num_speculative_tokens": 3})
     prompts = [f"Record number {i}, as JSON:" for i in range(6)] + ["a b c a b c a b c a b", "1 2 3 1 2 3 1 2 3"]
-    params = [_params(PERSON, temperature=1.0, seed=i, max_tokens=60) for i in range(6)]
+    params = [_params(ITEM, temperature=1.0, seed=i, max_tokens=60) for i in range(6)]
     params += [SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)] * 2
     outs = llm.generate(prompts, params, use_tqdm=False)
-    stats = llm.stats()
-    assert stats["preemptions"] > 0
-    assert stats["spec_steps"] > 0  # the unconstrained rows still speculated
+    assert llm.stats()["preemptions"] > 0
     done = 0
     for out in outs[:6]:
         assert out.error is None
         c = out.outputs[0]
         if c.finish_reason == "stop":
-            jsonschema.validate(json.loads(c.text), PERSON)
+            jsonschema.validate(json.loads(c.text), ITEM)
             done += 1
     assert done >= 3
+
+
+def test_constrained_rows_get_no_speculative_proposals_and_wait_for_their_grammar():
+    from batchgen.cache.kv_manager import KVCacheManager
+    from batchgen.request import Request
+    from batchgen.sched.scheduler import Scheduler, SchedulerConfig
+
+    sched = Scheduler(SchedulerConfig(8, 64, 256, num_speculative_tokens=3), KVCacheManager(32, 16, True))
+    plain = Request("plain", [5, 6, 7], SamplingParams(max_tokens=20), [2])
+    constrained = Request("json", [5, 6, 8], _params(ITEM, max_tokens=20), [2])
+    compiling = Request("compiling", [5, 6, 9], _params(ITEM, max_tokens=20), [2])
+    compiling.grammar_ready = False
+    for r in (plain, constrained, compiling):
+        sched.add(r)
+    first = sched.schedule()
+    assert {r.request_id for r in first.scheduled} == {"plain", "json"}  # the compiling one waits
+    assert sched._num_spec(plain) == 3 and sched._num_spec(constrained) == 0
