@@ -50,10 +50,10 @@ def test_error_rows_are_400_with_an_openai_error_body():
 def test_openai_batch_round_trip(tmp_path):
     lines = [
         _line("city-1", {"model": "gpt-4o-mini", "messages": chat("Name a big city and its population."),
-                         "max_tokens": 96, "temperature": 1.0, "seed": 1,
+                         "max_tokens": 64, "temperature": 1.0, "seed": 1,
                          "response_format": {"type": "json_schema",
                                              "json_schema": {"name": "city", "schema": CITY, "strict": True}}}),
-        _line("obj-2", {"messages": chat("Give a JSON object describing a cat."), "max_tokens": 64,
+        _line("obj-2", {"messages": chat("Give a JSON object describing a cat."), "max_tokens": 32,
                         "temperature": 0, "response_format": {"type": "json_object"}}),
         _line("cmpl-3", {"prompt": "The answer is", "max_tokens": 24, "temperature": 0,
                          "response_format": {"type": "json_schema",
@@ -62,7 +62,7 @@ def test_openai_batch_round_trip(tmp_path):
         _line("bad-5", {"messages": chat("x"), "response_format": {"type": "json_schema",
                                                                    "json_schema": {"name": "b", "schema": {"type": "wat"}}}}),
         _line("bad-6", {"messages": chat("x"), "response_format": {"type": "grammarz"}}),
-        _line("city-7", {"messages": chat("Another city, as JSON."), "max_tokens": 96, "temperature": 0,
+        _line("city-7", {"messages": chat("Another city, as JSON."), "max_tokens": 64, "temperature": 0,
                          "response_format": {"type": "json_schema",
                                              "json_schema": {"name": "city", "schema": CITY}}}),
     ]
@@ -71,7 +71,7 @@ def test_openai_batch_round_trip(tmp_path):
                     input={"path": "batch.jsonl", "format": "openai-batch"}, output={"path": "out"},
                     sampling={"max_tokens": 16, "temperature": 0.0},
                     engine={"max_model_len": 384, "max_num_seqs": 8, "num_kv_blocks": 256})
-    result = run_cli("run", "-q", str(job))
+    result = run_cli("run", "-q", str(job), timeout=1200)
     assert result.returncode == 0, result.stderr
     merged = run_cli("merge", str(tmp_path / "out"), "--to", str(tmp_path / "results.jsonl"),
                      "--format", "openai-batch", "--errors-to", str(tmp_path / "errors.jsonl"))
@@ -116,3 +116,14 @@ def test_openai_batch_round_trip(tmp_path):
     assert both.returncode == 0, both.stderr
     assert [json.loads(x)["custom_id"] for x in (tmp_path / "all.jsonl").read_text().splitlines()] == \
         [x["custom_id"] for x in lines]
+
+
+def test_n_samples_become_choices_of_one_body():
+    row = {"id": "r", "messages": chat("x"), "generated_text": ["a", "b"], "finish_reason": ["stop", "length"],
+           "num_prompt_tokens": 5, "num_generated_tokens": 7, "error": None}
+    line, is_error = batch_line(row, 0, "smollm2-135m", 123)
+    body = ChatCompletion.model_validate(line["response"]["body"])
+    assert not is_error and [c.message.content for c in body.choices] == ["a", "b"]
+    assert [c.finish_reason for c in body.choices] == ["stop", "length"] and body.usage.total_tokens == 12
+    again, _ = batch_line(row, 0, "smollm2-135m", 123)
+    assert again == line  # merging twice writes the same ids
