@@ -65,7 +65,10 @@ CHOICES = [["positive", "negative", "neutral"], ["A", "B", "C", "D"]]
 GRAMMAR = 'root ::= "(" expr ")"\nexpr ::= num (("+" | "*") num)*\nnum ::= [1-9] [0-9]?'
 
 
-def test_per_row_grammars_through_the_cli_follow_their_schemas(tmp_path, tokenizer):
+def test_per_row_grammars_through_the_cli_follow_their_schemas(tmp_path, smol_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
     rows = [{"id": f"s{i:02d}", "prompt": f"Write a JSON record ({i}):",
              "structured_outputs": json.dumps({"json": schema})} for i, schema in enumerate(SCHEMAS)]
     rows += [{"id": f"r{i}", "prompt": "Write something:", "structured_outputs": json.dumps({"regex": r})}
