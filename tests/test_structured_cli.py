@@ -77,11 +77,11 @@ def test_per_row_grammars_through_the_cli_follow_their_schemas(tmp_path, smol_di
              for i, c in enumerate(CHOICES)]
     rows += [{"id": "g0", "prompt": "An arithmetic expression:", "structured_outputs": json.dumps({"grammar": GRAMMAR})},
              {"id": "bad", "prompt": "x", "structured_outputs": json.dumps({"json": {"type": "integerz"}})},
-             {"id": "free", "prompt": "Hello there,"}]
+             {"id": "free", "prompt": "Hello there,", "max_tokens": 16}]
     write_jsonl(tmp_path / "rows.jsonl", rows)
     job = write_job(tmp_path / "job.yaml", model={"path": "smollm2-135m", "dtype": "float32"},
                     input={"path": "rows.jsonl"}, output={"path": "out"},
-                    sampling={"max_tokens": 160, "temperature": 1.0, "seed": 0},
+                    sampling={"max_tokens": 128, "temperature": 1.0, "seed": 0},
                     engine={"max_model_len": 384, "max_num_seqs": 48, "num_kv_blocks": 1024})
     result = run_cli("run", "-q", str(job), timeout=1500)
     assert result.returncode == 0, result.stderr
