@@ -1,9 +1,10 @@
 """batchgen: offline batch LLM inference."""
 
 from batchgen.config import EngineConfig
-from batchgen.sampling import CompletionOutput, RequestOutput, SamplingParams
+from batchgen.sampling import CompletionOutput, RequestOutput, SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "Engine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "Engine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
+           "StructuredOutputsParams"]
 __version__ = "0.1.0"
 
 

@@ -138,14 +138,24 @@ def status(output: str, as_json: bool) -> None:
               help="The file to write: Parquet, or JSON Lines for a .jsonl name (local path or fsspec URL); "
                    "written whole or not at all.")
 @click.option("--allow-partial", is_flag=True, help="Merge what is committed even while tasks have not finished.")
-def merge(outputs: tuple[str, ...], to: str, allow_partial: bool) -> None:
+@click.option("--format", "fmt", type=click.Choice(["parquet", "openai-batch"]), default="parquet", show_default=True,
+              help="openai-batch: JSONL in OpenAI's batch output shape, one line per input row.")
+@click.option("--errors-to", help="With --format openai-batch: write the error lines to this file instead.")
+def merge(outputs: tuple[str, ...], to: str, allow_partial: bool, fmt: str, errors_to: str | None) -> None:
     """Merge the committed rows of OUTPUTS (one job) into one file, in input order, streaming.
 
     An array job's OUT is merged over all its tasks; while a task has not finished, merge refuses
     and names it (--allow-partial merges what is there and warns).
     """
+    if errors_to and fmt != "openai-batch":
+        raise click.UsageError("--errors-to goes with --format openai-batch")
     try:
-        totals = merge_outputs(list(outputs), to, allow_partial=allow_partial)
+        if fmt == "openai-batch":
+            from batchgen.job.openai_output import merge_openai_batch
+
+            totals = merge_openai_batch(list(outputs), to, errors_to, allow_partial=allow_partial)
+        else:
+            totals = merge_outputs(list(outputs), to, allow_partial=allow_partial)
     except OutputError as e:
         raise click.ClickException(str(e)) from None
     total = "?" if totals["rows_total"] is None else totals["rows_total"]

@@ -79,6 +79,7 @@ class EngineConfig:
     # Reasoning markers (batchgen/reasoning.py): a parser name (deepseek_r1, qwen3) or {start, end};
     # splits reasoning_text from the answer and enables thinking_token_budget. None: off
     reasoning_parser: str | dict | None = None
+    structured_outputs_compile_timeout: float = 60.0  # seconds a grammar may compile before its row errors
 
     def __post_init__(self) -> None:
         def check(cond: bool, name: str, allowed: str) -> None:
@@ -117,6 +118,10 @@ class EngineConfig:
         check(_pos_int(self.tensor_parallel_size), "tensor_parallel_size", "an int >= 1")
         check(self.tensor_parallel_size == 1 or not self.speculative or self.speculative.method != "draft",
               "tensor_parallel_size", "1 with a draft model (tensor parallelism speculates with ngram only)")
+        check(isinstance(self.structured_outputs_compile_timeout, (int, float))
+              and not isinstance(self.structured_outputs_compile_timeout, bool)
+              and self.structured_outputs_compile_timeout > 0,
+              "structured_outputs_compile_timeout", "a number of seconds > 0")
         if self.lora_adapters is not None:
             self.lora_adapters = {k: str(v) for k, v in self.lora_adapters.items()}
         from batchgen.reasoning import parse_reasoning

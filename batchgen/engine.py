@@ -111,6 +111,7 @@ class Engine:
                 logger.warning("CUDA graph capture failed (%s); decoding eagerly (as with enforce_eager=True)",
                                str(e).splitlines()[0] if str(e) else type(e).__name__)
 
+        self.structured = None  # batchgen.structured.StructuredState, made at the first constrained request
         self._groups: dict[str, _Group] = {}  # by child request id
         self._ready: list[RequestOutput] = []  # finished outside a step (bad input)
         self._counters = dict(steps=0, generated_tokens=0, requests_finished=0, request_errors=0,
@@ -300,6 +301,10 @@ class Engine:
 
             # Set on the params as vLLM does (not a field: the same words give the same ids)
             params.bad_words_token_ids = bad_words_token_ids(params, self.tokenizer)
+        if params.structured_outputs is not None:
+            structured = self._structured_state()
+            for child in children:  # each sample its own matcher; the compile is shared (cached)
+                structured.add(child)
         for child in children:
             if params.stop:
                 group.detokenizers[child.request_id] = IncrementalDetokenizer(
@@ -330,6 +335,33 @@ class Engine:
             return f"unknown LoRA adapter {lora!r}; loaded: {loaded}"
         return None
 
+    def _structured_state(self):
+        if self.structured is None:
+            from batchgen.structured import StructuredState
+
+            # The bitmask is as wide as the logits: the LM head's rows (vocab_size may exceed the tokenizer's).
+            self.structured = StructuredState(
+                self.tokenizer, self.vocab_size, self.eos_token_ids, self.device,
+                max_rows=self.config.max_num_seqs, compile_timeout=self.config.structured_outputs_compile_timeout)
+            self.runner.sampler.structured = self.structured
+        return self.structured
+
+    def _poll_grammars(self) -> list[RequestOutput]:
+        """Requests whose grammar finished compiling become schedulable; a failed or timed-out compile
+        errors its request (all n samples) and only it."""
+        outputs = []
+        for req, error in self.structured.poll():
+            group = self._groups.get(req.request_id)
+            if group is None:
+                continue  # a sibling sample already failed the group
+            for child in group.children:
+                self.scheduler.finish(child, "error")
+                self._groups.pop(child.request_id, None)
+                self.structured.forget(child.request_id)
+            self._counters["request_errors"] += 1
+            outputs.append(_error_output(group.request_id, group.prompt, group.prompt_token_ids, error))
+        return outputs
+
     def has_unfinished(self) -> bool:
         return bool(self._ready) or self.scheduler.has_unfinished()
 
@@ -340,6 +372,8 @@ class Engine:
         """Drop every request in flight; none of them is reported."""
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.finish(req, "abort")
+            if self.structured is not None:
+                self.structured.forget(req.request_id)
         self._groups.clear()
         self._ready.clear()
 
@@ -348,6 +382,12 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step and return the requests that finished in it."""
         outputs, self._ready = self._ready, []
+        if self.structured is not None and self.structured.waiting:
+            outputs += self._poll_grammars()
+            if self.scheduler.has_unfinished() and not self.scheduler.running \
+                    and not any(r.grammar_ready for r in self.scheduler.waiting):
+                self.structured.wait(timeout=0.05)  # every request waits for a grammar: nothing to step
+                return outputs + self._poll_grammars()
         if not self.scheduler.has_unfinished():
             return outputs
         t0 = time.perf_counter()
@@ -364,6 +404,11 @@ class Engine:
         finished = self.scheduler.update(sched, model_out)
         new_tokens = [req.output_token_ids[n:] for req, n in zip(sampled, before)]
         self._counters["generated_tokens"] += sum(map(len, new_tokens))
+        if self.structured is not None:  # advance each matcher; a grammar that terminated ends its row: "stop"
+            for req, tokens in zip(sampled, new_tokens):
+                if self.structured.advance(req, tokens) and not req.finished:
+                    self.scheduler.finish(req, "stop")
+                    finished.append(req)
 
         # Stop strings: detokenize incrementally only the requests that have them.
         for req, n, tokens in zip(sampled, before, new_tokens):
@@ -405,6 +450,8 @@ class Engine:
             return None
         completions = []
         for i, child in enumerate(group.children):
+            if self.structured is not None:
+                self.structured.forget(child.request_id)
             text = group.texts.get(child.request_id)
             if text is None:
                 text = self.tokenizer.decode(child.output_token_ids,
@@ -445,6 +492,8 @@ class Engine:
                  kv_blocks=self.kv.num_blocks, kv_blocks_free=self.kv.num_free_blocks)
         if self.lora is not None:
             s.update(lora_slots=sched.lora_slots.num_slots, lora_loads=sched.lora_slots.num_loads)
+        if self.structured is not None:
+            s.update(self.structured.stats())
         if self.speculative:
             st = sched.spec_stats
             s.update(spec_steps=st["steps"], spec_proposed_tokens=st["proposed"],

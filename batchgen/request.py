@@ -36,6 +36,9 @@ class Request:
         # prompt_logprobs: one entry per prompt token, None for the first (it has no context)
         self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
         self.admitted = False  # has been scheduled at least once
+        # Structured outputs: False while the request's grammar compiles (the engine sets it); the
+        # scheduler admits only ready requests.
+        self.grammar_ready = True
         # Tokens that end generation: EOS (unless ignore_eos) and stop_token_ids.
         self.stop_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_token_ids)
         self.repetition = RepetitionDetector(params.repetition_detection) if params.repetition_detection else None

@@ -2,11 +2,102 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 _GREEDY_EPS = 1e-5
+
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain generation to a grammar (vLLM's names). Exactly one kind is set: `json` (a JSON
+    schema, as a dict or JSON text), `regex`, `choice` (the output is one of these strings), `grammar`
+    (EBNF/GBNF) or `json_object=True` (any JSON object). JSON is compact by default: no whitespace
+    between tokens, so a sampling model cannot run away in spaces and newlines."""
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    # JSON: objects carry only the properties their schema lists (the schema's own additionalProperties
+    # then decides nothing); False: JSON Schema's default, any extra property is allowed.
+    disable_additional_properties: bool = True
+    any_whitespace: bool = False  # JSON: allow whitespace between tokens (runs of at most max_whitespace)
+    max_whitespace: int = 2
+
+    def __post_init__(self) -> None:
+        def bad(allowed: str) -> ValueError:
+            return ValueError(f"SamplingParams.structured_outputs={self.describe()} is invalid: {allowed}")
+
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as e:
+                raise bad(f"json is not valid JSON text: {e}") from None
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise bad(f"json must be a JSON schema object, got {type(self.json).__name__}")
+        kinds = [k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise bad(f"set exactly one of {', '.join(_STRUCTURED_KINDS)} (got {', '.join(kinds) or 'none'})")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise bad("regex must be a non-empty string")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise bad("grammar must be a non-empty EBNF string")
+        if self.choice is not None:
+            if isinstance(self.choice, tuple):
+                self.choice = list(self.choice)
+            if not isinstance(self.choice, list) or not self.choice or \
+                    not all(isinstance(c, str) and c for c in self.choice):
+                raise bad("choice must be a non-empty list of non-empty strings")
+        if not isinstance(self.json_object, bool):
+            raise bad("json_object must be true or false")
+        for name in ("disable_additional_properties", "any_whitespace"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"{name} must be true or false")
+        if not isinstance(self.max_whitespace, int) or isinstance(self.max_whitespace, bool) or self.max_whitespace < 1:
+            raise bad("max_whitespace must be an int >= 1")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> str:
+        """Canonical JSON of what the grammar depends on: the compile cache's key."""
+        value = {"kind": self.kind, "spec": getattr(self, self.kind)}
+        if self.kind in ("json", "json_object"):
+            value.update(strict=self.disable_additional_properties, ws=self.max_whitespace if self.any_whitespace else 0)
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    def describe(self, limit: int = 120) -> str:
+        text = repr({k: getattr(self, k) for k in _STRUCTURED_KINDS if getattr(self, k, None) not in (None, False)})
+        return text if len(text) <= limit else text[:limit] + "...}"
+
+    @classmethod
+    def from_value(cls, value: Any) -> "StructuredOutputsParams | None":
+        """An instance, a mapping like {"json": {...}} (None values dropped: a Parquet struct carries
+        every key of every row), or the same mapping as JSON text; None stays None."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"SamplingParams.structured_outputs={value[:80]!r} is invalid: "
+                                 f"not valid JSON text: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"SamplingParams.structured_outputs={value!r} is invalid: expected a mapping "
+                             f"like {{\"json\": {{...}}}} with one of {', '.join(_STRUCTURED_KINDS)}")
+        value = {k: v for k, v in value.items() if v is not None}
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"SamplingParams.structured_outputs has unknown key(s) {unknown}; "
+                             f"allowed: {', '.join(known)}")
+        return cls(**value)
 
 
 @dataclass
@@ -37,8 +128,10 @@ class SamplingParams:
     repetition_detection: dict[str, int] | bool | None = None
     prompt_logprobs: int | None = None  # logprob of every prompt token plus its top-k (None for the first)
     thinking_token_budget: int | None = None  # reasoning tokens before the engine closes the block
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output to a grammar
 
     def __post_init__(self) -> None:
+        self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -84,6 +177,8 @@ class SamplingParams:
             raise bad("stop_token_ids", "must be a list of token ids >= 0")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise bad("logprobs", "must be an int >= 0 or None")
+        if self.structured_outputs is not None and self.min_tokens > 0:
+            raise bad("min_tokens", "must be 0 with structured_outputs (the grammar decides where the output ends)")
 
     def _validate_processors(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:

@@ -26,6 +26,7 @@ WORKLOAD_PEERS = {
     "W4": ("batchgen", "base-model", "one-batch-per-adapter"),  # batchgen: all adapters mixed
     "W5-b1": ("batchgen", "no-speculation"),  # batchgen: n-gram speculation
     "W5-b64": ("batchgen", "no-speculation"),
+    "W6": ("batchgen",),  # one process runs both: constrained, then the same rows unconstrained
 }
 
 
@@ -46,6 +47,10 @@ def run_one(peer: str, workload: str, quick: bool, dtype: str) -> dict:
             r = peers.run_batchgen(model_dir, dtype, wl, per_adapter=True, **lora_engine)
         else:  # base-model: the same rows without adapters
             r = peers.run_batchgen(model_dir, dtype, wl)
+    elif workload == "W6":
+        from benchmarks.structured import run_w6
+
+        r = run_w6(model_dir, dtype, wl)
     elif workload.startswith("W5"):
         # Default max_batch_size (32): above it speculation pauses, so batch 64 decodes plainly until
         # the batch thins out.
@@ -69,7 +74,7 @@ def run_one(peer: str, workload: str, quick: bool, dtype: str) -> dict:
 
 
 def main(quick: bool = False, out: str = "bench-results", dtype: str = "bfloat16",
-         workloads: tuple[str, ...] = ("W1", "W2", "W3", "D", "W4", "W5-b1", "W5-b64", "W7")) -> list[dict]:
+         workloads: tuple[str, ...] = ("W1", "W2", "W3", "D", "W4", "W5-b1", "W5-b64", "W6", "W7")) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from benchmarks.peers import DTYPES
     from benchmarks.roofline import gemm_peak_flops
@@ -139,6 +144,9 @@ def _report(results: list[dict], peak: float, dtype: str, device, quick: bool) -
         if r.get("spec_acceptance_rate") is not None:
             notes += (f"; n-gram acceptance {r['spec_acceptance_rate']:.0%}, "
                       f"{r['spec_mean_accepted_length']:.2f} tokens per verify step")
+        elif r.get("structured_vs_plain") is not None:
+            notes += (f"; constrained {r['structured_vs_plain']:.2f}x the unconstrained rows' throughput "
+                      f"({r['plain_output_tok_s']:.1f} out tok/s), {r['json_valid']}/{r['rows']} valid JSON")
         elif r["peer"] == "hf-static":
             notes = f"best batch size {r['batch_size']}"
         lines.append(f"| {r['workload']} | {r['peer']} | {r['output_tok_s']:.1f} | {r['total_tok_s']:.1f} | "

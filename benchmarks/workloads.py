@@ -15,6 +15,7 @@ class Workload:
     lora: list[str | None] | None = None  # adapter per row
     ignore_eos: bool = True  # False: rows stop at EOS (natural text); tokens counted as generated
     engine: dict = field(default_factory=dict)  # engine arguments this workload needs
+    schemas: list[dict] | None = None  # W6: the JSON schema each row's output must follow
 
     @property
     def input_tokens(self) -> int:
@@ -111,6 +112,38 @@ def w5_input_grounded(rows: int, tokenizer, batch: int) -> Workload:
                     prompts, [96] * rows, ignore_eos=False, engine=dict(max_num_seqs=batch))
 
 
+W6_SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                      "email": {"type": "string", "maxLength": 24}}, "required": ["name", "age", "email"]},
+    {"type": "object", "properties": {"title": {"type": "string", "maxLength": 24},
+                                      "year": {"type": "integer", "minimum": 1900, "maximum": 2030},
+                                      "genres": {"type": "array", "items": {"enum": ["drama", "comedy", "action"]},
+                                                 "minItems": 1, "maxItems": 3}}, "required": ["title", "year", "genres"]},
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                      "temp_c": {"type": "number", "minimum": -40, "maximum": 50},
+                                      "sky": {"enum": ["clear", "cloudy", "rain", "snow"]}}, "required": ["city", "temp_c", "sky"]},
+    {"type": "object", "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+                                      "price": {"type": "number", "minimum": 0, "maximum": 1000},
+                                      "in_stock": {"type": "boolean"}}, "required": ["sku", "price", "in_stock"]},
+]
+_W6_TASKS = ["a person", "a movie", "today's weather", "a product in a shop"]
+
+
+def w6_json_schema(rows: int, tokenizer, batch: int = 64) -> Workload:
+    """Chat rows asking for a JSON record, each with its own schema (4 kinds, round robin), sampled."""
+    prompts, schemas = [], []
+    for i in range(rows):
+        k = i % len(W6_SCHEMAS)
+        chat = [{"role": "user", "content": f"Describe {_W6_TASKS[k]} (example {i}) as a JSON object."}]
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        prompts.append(tokenizer.encode(text, add_special_tokens=False))
+        schemas.append(W6_SCHEMAS[k])
+    return Workload("W6", f"JSON-schema rows at batch {batch}: constrained vs the same rows unconstrained "
+                          "(same token counts), temperature 1.0, up to 128 tokens", prompts, [128] * rows,
+                    ignore_eos=False, engine=dict(max_num_seqs=batch, enable_prefix_caching=False), schemas=schemas)
+
+
 def all_workloads(quick: bool, tokenizer=None) -> list[Workload]:
     if quick:
         out = [w1_fixed(8), w2_variable(8), w3_shared_prefix(8), decode_heavy(16), w4_multi_lora(8)]
@@ -118,4 +151,5 @@ def all_workloads(quick: bool, tokenizer=None) -> list[Workload]:
         out = [w1_fixed(64), w2_variable(64), w3_shared_prefix(64), decode_heavy(256), w4_multi_lora(64)]
     if tokenizer is not None:
         out += [w5_input_grounded(2 if quick else 4, tokenizer, 1), w5_input_grounded(8 if quick else 64, tokenizer, 64)]
+        out.append(w6_json_schema(16 if quick else 64, tokenizer))
     return out

@@ -130,6 +130,8 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [tokens, hidden]
         prompt_logprobs = self._prompt_logprobs(hidden, batch)
         sampled = [i for i in order if rows[i].sample]  # scheduled indices, in batch order
+        if self.sampler.structured is not None:  # grammar bitmasks on the CPU while an async (CUDA) forward runs
+            self.sampler.structured.prepare([rows[i] for i in sampled])
         if not sampled:
             self.model_seconds += time.perf_counter() - t
             return ModelOutput([], [], prompt_logprobs=prompt_logprobs)

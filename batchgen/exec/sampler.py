@@ -23,6 +23,8 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.row_generators: dict[str, torch.Generator] = {}
         self.processors = LogitsProcessors(device)
+        # Structured outputs (batchgen.structured.StructuredState): masks grammar-forbidden tokens; set by the engine
+        self.structured = None
 
     def forget(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -43,6 +45,8 @@ class Sampler:
                  ) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits: [rows, vocab] in any float dtype. Returns the sampled token and, where asked, top
         logprobs per row."""
+        if self.structured is not None:  # first: the grammar's mask comes before every other transform
+            logits = self.structured.apply(logits, rows)
         if all(r.params.greedy and r.params.logprobs is None and not self._suppress_stop(r)
                and not r.params.uses_logits_processors and r.forced_token is None for r in rows):
             # Pure greedy: argmax of the logits as they are. Upcasting is exact, so this is the token
@@ -53,7 +57,6 @@ class Sampler:
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [rows, vocab]
 
-        # Structured outputs: the grammar bitmask goes here, before every other processor.
         logits = self.processors.apply(logits, rows)  # penalties, logit_bias, allowed ids, bad words
         for i, r in enumerate(rows):
             if self._suppress_stop(r):

@@ -7,6 +7,7 @@ row's error, not silently dropped: the caller asked for that behaviour and would
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 URLS = ("/v1/chat/completions", "/v1/completions")
@@ -61,6 +62,12 @@ def _body_columns(body: dict[str, Any]) -> dict[str, Any]:
             columns[_SAMPLING[key]] = value
         elif key in ("logprobs", "top_logprobs"):
             continue  # below: the pair maps onto one field
+        elif key == "response_format":
+            structured = _response_format(value)
+            if structured is not None:  # JSON text: every row's schema differs, a kept column stays a string
+                columns["structured_outputs"] = json.dumps(structured)
+        elif key == "structured_outputs":  # vLLM's own body field: {"json": ...} | {"regex": ...} | ...
+            columns["structured_outputs"] = value if isinstance(value, str) else json.dumps(value)
         elif key in _NEUTRAL and value in (_NEUTRAL[key], [], {}):
             continue
         else:
@@ -84,3 +91,28 @@ def _logprobs(body: dict[str, Any]) -> int | None:
     if isinstance(value, int) and value >= 0:
         return value
     raise OpenAIBatchError(f"body.logprobs {value!r} is not allowed; expected true/false or an integer >= 0")
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """response_format as vLLM's run_batch maps it: text -> none, json_object -> any JSON object,
+    json_schema -> the schema (strict is accepted either way: the output always follows the schema)."""
+    if not isinstance(value, dict):
+        raise OpenAIBatchError(f"body.response_format must be an object with a type, got {type(value).__name__}")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise OpenAIBatchError("body.response_format.json_schema must be an object with name and schema")
+        schema = spec.get("schema")
+        if not isinstance(schema, (dict, bool)):
+            raise OpenAIBatchError("body.response_format.json_schema.schema is missing or not a JSON schema object")
+        if spec.get("strict") not in (None, True, False):
+            raise OpenAIBatchError(f"body.response_format.json_schema.strict {spec.get('strict')!r} is not allowed; "
+                                   "expected true or false")
+        return {"json": schema}
+    raise OpenAIBatchError(f"body.response_format.type {kind!r} is not supported; expected text, json_object "
+                           "or json_schema")

@@ -117,11 +117,14 @@ class Scheduler:
     def _num_spec(self, req: Request) -> int:
         """Proposals worth verifying for a decoding request: never past max_tokens or max_model_len,
         none while min_tokens suppresses stop tokens, when per-token logprobs are asked for, for rows
-        with logits processors (penalties, biases, bans) or a thinking budget."""
+        with logits processors (penalties, biases, bans) or a thinking budget, or for structured outputs
+        (proposals are not checked against the grammar: those rows decode plainly)."""
         k = self.config.num_speculative_tokens
         p = req.params
         if not k or p.logprobs is not None or req.num_output_tokens < p.min_tokens or p.uses_logits_processors \
                 or req.budget is not None:
+            return 0
+        if p.structured_outputs is not None:
             return 0
         room = self.config.max_model_len - req.num_tokens - 1
         if p.max_tokens is not None:
@@ -149,6 +152,8 @@ class Scheduler:
         for req, hits in matched:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if not req.grammar_ready:
+                continue  # its grammar is still compiling: the others go ahead
             if admitted and hits and req.params.prompt_logprobs is None:
                 hits = self.kv.match_prefix(req)  # admissions before it may have evicted some
             key = self._next_block_key(req, len(hits)) if sharing else None
