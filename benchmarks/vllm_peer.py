@@ -64,9 +64,10 @@ def run_vllm(model_dir: str, dtype: str, wl: Workload) -> dict:
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps(dict(model=model_dir, dtype=dtype, prompts=wl.prompts, max_tokens=wl.max_tokens,
                                         max_num_seqs=max(256, len(wl.prompts)))))
-        proc = subprocess.run([str(python), str(Path(__file__).with_name("vllm_worker.py")), str(spec)],
+        result = Path(tmp) / "result.json"
+        proc = subprocess.run([str(python), str(Path(__file__).with_name("vllm_worker.py")), str(spec), str(result)],
                               capture_output=True, text=True, env=preload_env(venv_dir()), cwd=tmp)
-    if proc.returncode != 0:
-        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
-        return dict(skipped=f"vLLM CPU failed to run: {' | '.join(tail)[-400:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        if proc.returncode != 0 or not result.exists():
+            tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
+            return dict(skipped=f"vLLM CPU failed to run: {' | '.join(tail)[-400:]}")
+        return json.loads(result.read_text())

@@ -1,7 +1,7 @@
 """Runs in vLLM's own venv (benchmarks/vllm_peer.py starts it): imports nothing from batchgen.
 
-    python vllm_worker.py spec.json    # {"model", "dtype", "prompts", "max_tokens", "max_num_seqs"}
-Prints one JSON line: wall seconds of LLM.generate and the tokens generated.
+    python vllm_worker.py spec.json result.json   # spec: {"model", "dtype", "prompts", "max_tokens", "max_num_seqs"}
+Writes result.json: wall seconds of LLM.generate and the tokens generated (vLLM logs to stdout).
 """
 
 import json
@@ -12,7 +12,7 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
 
-def main(path: str) -> None:
+def main(path: str, result: str) -> None:
     spec = json.loads(open(path).read())
     longest = max(len(p) + m for p, m in zip(spec["prompts"], spec["max_tokens"]))
     llm = LLM(model=spec["model"], dtype=spec["dtype"], enable_prefix_caching=True, seed=0,
@@ -24,8 +24,9 @@ def main(path: str) -> None:
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t
-    print(json.dumps(dict(wall=wall, generated_tokens=sum(len(o.outputs[0].token_ids) for o in outs))))
+    with open(result, "w") as f:
+        json.dump(dict(wall=wall, generated_tokens=sum(len(o.outputs[0].token_ids) for o in outs)), f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])
