@@ -28,7 +28,7 @@ BIG_CONFIG = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=20
                   num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
 
 STEPS = [  # (name, seconds allowed, what it runs)
-    ("cuda-tests", 200, "pytest -q tests/kernels tests/test_model_parity.py -k 'cuda or gpu or graph'"),
+    ("cuda-tests", 180, "pytest -q tests/kernels tests/test_model_parity.py -k 'cuda or gpu or graph'"),
     ("hf-parity-bf16", 60, "embedded model, 8 chat prompts x 24 tokens, batchgen vs HF generate, bf16 on CUDA"),
     ("cuda-graphs", 60, "64 rows x 32 tokens with CUDA graphs vs enforce_eager: tokens equal, decode step ms"),
     ("kernel-bandwidth", 60, "paged_attention (decode, split-K), store_kv, rms_norm, rotary: GB/s vs copy GB/s"),
@@ -69,6 +69,17 @@ def _timed(fn, n: int = 20) -> float:
     return (time.perf_counter() - t) / n
 
 
+def _free(llm) -> None:
+    """Hand an engine's GPU memory back before the next one sizes its KV pool."""
+    import gc
+
+    import torch
+
+    del llm.engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def step_hf_parity() -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,10 +92,9 @@ def step_hf_parity() -> dict:
     questions = ["What is the capital of France?", "Name three primary colours.", "What is 12 times 7?",
                  "Who wrote Hamlet?", "Translate 'good morning' to Spanish.", "What is photosynthesis?",
                  "Give a synonym for happy.", "How many legs does a spider have?"]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
-               for q in questions]
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
-    llm = LLM(model_dir, dtype="bfloat16", device="cuda")
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                  tokenize=False), add_special_tokens=False) for q in questions]
+    llm = LLM(model_dir, dtype="bfloat16", device="cuda", kv_cache_memory=4)
     ours = [o.outputs[0].token_ids for o in llm.generate(
         prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
@@ -113,11 +123,12 @@ def step_cuda_graphs() -> dict:
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     result = {}
     for name, eager in (("graphs", False), ("eager", True)):
-        llm = LLM(model_dir, dtype="bfloat16", device="cuda", enforce_eager=eager)
+        llm = LLM(model_dir, dtype="bfloat16", device="cuda", enforce_eager=eager, kv_cache_memory=4)
         times = _time_full_decode_steps(llm.engine.runner, len(prompts))
         tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         result[name] = dict(tokens=tokens, step_ms=1e3 * sorted(times)[len(times) // 2] if times else None,
                             captured=llm.engine.runner.graphs is not None)
+        _free(llm)
     return dict(tokens_equal=result["graphs"]["tokens"] == result["eager"]["tokens"],
                 graphs_captured=result["graphs"]["captured"],
                 decode_step_ms_graphs=result["graphs"]["step_ms"], decode_step_ms_eager=result["eager"]["step_ms"])
@@ -168,7 +179,7 @@ def _decode(model_dir: str, batch: int, prompt_len: int = 128, new: int = 64) ->
     from batchgen import LLM, SamplingParams
     from benchmarks.peers import _time_full_decode_steps
 
-    llm = LLM(model_dir, dtype="bfloat16", device="cuda", max_num_seqs=max(batch, 1))
+    llm = LLM(model_dir, dtype="bfloat16", device="cuda", max_num_seqs=max(batch, 1), kv_cache_memory=16)
     prompts = [[100 + (13 * i + j) % 20000 for j in range(prompt_len)] for i in range(batch)]
     llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     times = _time_full_decode_steps(llm.engine.runner, batch)
@@ -179,6 +190,7 @@ def _decode(model_dir: str, batch: int, prompt_len: int = 128, new: int = 64) ->
     kv_bytes = sum(c.numel() * c.element_size() for c in llm.engine.kv_caches)
     per_token_kv = kv_bytes / max(1, llm.engine.kv_caches[0].shape[1] * llm.engine.kv_caches[0].shape[2])
     read = weight_bytes + batch * (prompt_len + new // 2) * per_token_kv  # bytes one decode step must read
+    _free(llm)
     return dict(batch=batch, step_ms=step * 1e3, tok_s=batch / step, bytes_per_step=read)
 
 
