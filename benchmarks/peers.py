@@ -14,12 +14,12 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 
 def run_batchgen(model_dir: str, dtype: str, wl: Workload, use_lora: bool = False, per_adapter: bool = False,
-                 cascade: bool = True, **engine) -> dict:
+                 cascade: bool = False, **engine) -> dict:
     from batchgen import LLM, SamplingParams
 
     llm = LLM(model_dir, dtype=dtype, **{**wl.engine, **engine})
-    if not cascade:
-        llm.engine.runner.cascade_min_blocks = 0
+    if cascade:  # shared-prefix (cascade) attention for 2+ rows sharing 4+ blocks
+        llm.engine.runner.cascade_min_blocks = 4
     decode_steps = _time_full_decode_steps(llm.engine.runner, len(wl.prompts))
     warmup = [[7] * 40, [9] * 24]  # shares no prefix with any workload row
     llm.generate(warmup, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)

@@ -9,6 +9,7 @@ import pytest
 
 import batchgen.exec.attention as attention
 from batchgen import LLM, SamplingParams
+from batchgen.exec.model_runner import ModelRunner
 from kernels.cpu_decode_attention import load
 from tests.conftest import assert_greedy_match, hf_greedy
 
@@ -32,6 +33,7 @@ def test_shared_prefix_rows_match_hf_through_cascade(smol_dir, monkeypatch):
         return real(q, *args)
 
     monkeypatch.setattr(attention, "cascade_decode_attention_cpu", counting)
+    monkeypatch.setattr(ModelRunner, "cascade_min_blocks", 4)  # off by default
     prompts = _prompts()
     llm = LLM(smol_dir, dtype="float32")
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
