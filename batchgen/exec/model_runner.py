@@ -23,7 +23,7 @@ from kernels.cpu_decode_attention import load as load_cpu_decode_kernel
 
 class ModelRunner:
     # Cascade attention for one-token rows sharing >= this many leading blocks (2+ rows); 0: off.
-    # Off by default: on the 2-core CPU it did not yet pay reliably in engine steps (see the perf notes).
+    # Off by default: on the 2-core CPU it did not yet pay reliably in engine decode steps (issue #18).
     cascade_min_blocks = 0
 
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, device: torch.device, seed: int):
