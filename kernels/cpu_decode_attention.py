@@ -1,16 +1,26 @@
-"""Decode attention over the paged KV cache on CPU, in C++ (compiled on first use).
+"""Decode attention over the paged KV cache on CPU, in C++ (compiled on first use), plain and
+shared-prefix (cascade).
 
-Semantics, per row r and query head h (one query token per row; kv head = h // (heads / kv_heads)):
-    K_r = the first ctx_lens[r] tokens of row r's blocks, read in place from the paged cache
+Semantics, per row r and query head h (one query token per row, at position ctx_lens[r] - 1;
+kv head = h // (heads / kv_heads)):
+    K_r = tokens lo..ctx_lens[r]-1 of row r's blocks, read in place from the paged cache, where
+          lo = 0, or max(0, ctx_lens[r] - window) when window > 0 (sliding window: positions > pos - window)
     out[r, h] = softmax(q[r, h] @ K_r[:, kv].T * scale) @ V_r[:, kv]
-    window > 0 (sliding-window attention): only the last `window` keys count, positions > pos - window
-    where pos = ctx_lens[r] - 1 is the query's; window == 0: all of them.
 Shapes: q [rows, heads, head_dim]; k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim];
 block_tables [rows, max_blocks] int64; ctx_lens [rows] int64; out [rows, heads, head_dim].
 
-The torch path gathers every row's context into a padded copy per layer and reads it again in
-SDPA; this reads each K/V vector once, straight from its block, for every query head of its KV
-head (their dot products four heads at a time, independent FMA chains). `decode_attention_ref` beside it is the torch reference.
+`cascade_decode_attention` computes the same result (window 0) for rows grouped by a shared
+prefix: group g holds rows group_rows[group_starts[g]:group_starts[g+1]], whose block tables all
+begin with the same group_blocks[g] blocks, each row's context reaching past them. The group's
+queries attend those shared blocks in one pass (each K/V tile is read once for all the group's
+rows and heads); every row then continues its own online softmax over the rest of its context
+from that state (the log-sum-exp merge of the two passes). A row in no group runs the plain pass.
+
+How: tokens go in tiles of 16 within a block; a tile's K and V are widened to fp32 once per
+(job, KV head) and serve every query head of that KV head (and, in the shared pass, of every row
+of the group). A query's 16 scores are 16 dot products whose horizontal sums are done together
+as one transpose-and-add tree (AVX-512), then an online softmax update. `decode_attention_ref`
+and `cascade_decode_attention_ref` (kernels/cascade_attention.py) are the torch references.
 """
 
 from __future__ import annotations
@@ -20,105 +30,284 @@ import torch
 from kernels._cpu_build import lazy_build
 
 _SOURCE = r"""
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
-// D > 0: the head size as a compile-time constant (the dot products unroll fully); D == 0: any size.
+constexpr int64_t TILE = 16;        // tokens per tile
+constexpr float NEG_BIG = -1e30f;   // "no key seen yet" (fast-math: no infinities)
+
+// s[j] = q . k[j] for the TILE rows of k ([TILE, d] fp32; rows past the tile's tokens are zeros).
+template <int D>
+static inline void scores_tile(const float* q, const float* k, int64_t d, float* s) {
+#ifdef __AVX512F__
+  if constexpr (D > 0 && D % 16 == 0) {
+    __m512 qv[D / 16];
+    for (int c = 0; c < D / 16; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+    __m512 a[16];
+    for (int j = 0; j < 16; ++j) {
+      __m512 x = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k + j * D));
+      for (int c = 1; c < D / 16; ++c) x = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + j * D + 16 * c), x);
+      a[j] = x;
+    }
+    // 16 horizontal sums at once: pairs interleaved (ps, then pd), then 128-bit lanes folded.
+    __m512 t[8], u[4];
+    for (int p = 0; p < 8; ++p)
+      t[p] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * p], a[2 * p + 1]), _mm512_unpackhi_ps(a[2 * p], a[2 * p + 1]));
+    for (int p = 0; p < 4; ++p) {
+      const __m512d x = _mm512_castps_pd(t[2 * p]), y = _mm512_castps_pd(t[2 * p + 1]);
+      u[p] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    const __m512 s0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+    const __m512 s1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+    _mm512_storeu_ps(s, _mm512_add_ps(_mm512_shuffle_f32x4(s0, s1, 0x88), _mm512_shuffle_f32x4(s0, s1, 0xDD)));
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < TILE; ++j) s[j] = dot(q, k + j * d, d);
+}
+
+#ifdef __AVX512F__
+// exp(x) for 16 lanes: 2^(x log2 e) split into an integer power (scalef) and a degree-6 polynomial
+// on [-0.5, 0.5] (relative error ~1e-7, fp32 round-off).
+static inline __m512 exp16(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.540353e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.55041087e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40226507e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93147181e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// Online softmax update of one query with a tile: scores s[0..n), values v [TILE, d] fp32.
+// State: running max m, sum l, unnormalised accumulator acc [d].
+template <int D>
+static inline void softmax_tile(const float* s, int64_t n, const float* v, int64_t dd, float& m, float& l,
+                                float* acc) {
+  const int64_t d = D > 0 ? D : dd;
+  float mt = NEG_BIG;
+  for (int64_t j = 0; j < n; ++j) mt = std::max(mt, s[j]);
+  const float m_new = std::max(m, mt);
+  const float alpha = m_new > m ? std::exp(m - m_new) : 1.f;
+  m = m_new;
+#ifdef __AVX512F__
+  if constexpr (D > 0 && D % 16 == 0) {
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+    const __m512 pv = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_loadu_ps(s), _mm512_set1_ps(m_new))));
+    l = l * alpha + _mm512_reduce_add_ps(pv);
+    alignas(64) float p[TILE];
+    _mm512_store_ps(p, pv);
+    __m512 a[D / 16];
+    for (int c = 0; c < D / 16; ++c) a[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), _mm512_set1_ps(alpha));
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      for (int c = 0; c < D / 16; ++c) a[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + j * D + 16 * c), a[c]);
+    }
+    for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
+    return;
+  }
+#endif
+  float p[TILE];
+  for (int64_t j = 0; j < n; ++j) p[j] = std::exp(s[j] - m_new);
+  l *= alpha;
+  for (int64_t i = 0; i < d; ++i) acc[i] *= alpha;
+  for (int64_t j = 0; j < n; ++j) {
+    l += p[j];
+    const float pj = p[j];
+    const float* vj = v + j * d;
+    for (int64_t i = 0; i < d; ++i) acc[i] += pj * vj[i];
+  }
+}
+
+// Widens n token rows (tokens off..off+n-1 of one block, one KV head) to fp32 [TILE, d], zeros after.
+template <typename T>
+static inline void load_tile(const T* block, int64_t off, int64_t n, int64_t token_stride, int64_t d, float* dst) {
+  for (int64_t j = 0; j < n; ++j) load_row(block + (off + j) * token_stride, dst + j * d, d);
+  std::fill(dst + n * d, dst + TILE * d, 0.f);
+}
+
+struct Cache {
+  const void* k;
+  const void* v;
+  const int64_t* tables;
+  int64_t max_blocks, block_size, kv_heads, d;
+};
+
+// Queries qf [nq, d] (scaled, fp32) of one KV head, each with its state (m, l, acc), attend tokens
+// t0..t1-1 of block table `table` (K/V tiles loaded once for all nq queries).
 template <typename T, int D>
-static void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                                  const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale,
-                                  int64_t window, torch::Tensor& out) {
-  const int64_t rows = q.size(0), heads = q.size(1), d = D > 0 ? D : q.size(2);
-  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
-  const int64_t group = heads / kv_heads, max_blocks = block_tables.size(1);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k_cache.data_ptr<T>();
-  const T* vp = v_cache.data_ptr<T>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = ctx_lens.data_ptr<int64_t>();
-  T* op = out.data_ptr<T>();
-  const int64_t token_stride = kv_heads * d;  // one token's K (or V) of every KV head: contiguous
-  // A job is one row, or one (row, KV head) when there are too few rows to keep every thread busy.
-  const int64_t split = rows >= 4 * at::get_num_threads() ? 1 : kv_heads;
-  const int64_t heads_per_job = kv_heads / split;
+static void attend_range(const Cache& c, const int64_t* table, int64_t kv, int64_t t0, int64_t t1, const float* qf,
+                         int64_t nq, float* m, float* l, float* acc, float* kf, float* vf, float* s) {
+  const int64_t d = D > 0 ? D : c.d, bs = c.block_size, token_stride = c.kv_heads * d;
+  const T* kp = static_cast<const T*>(c.k);
+  const T* vp = static_cast<const T*>(c.v);
+  for (int64_t t = t0; t < t1;) {
+    const int64_t off = t % bs, n = std::min({TILE, t1 - t, bs - off});
+    const int64_t base = table[t / bs] * bs * token_stride + kv * d;
+    load_tile(kp + base, off, n, token_stride, d, kf);
+    load_tile(vp + base, off, n, token_stride, d, vf);
+    for (int64_t i = 0; i < nq; ++i) {
+      scores_tile<D>(qf + i * d, kf, d, s);
+      softmax_tile<D>(s, n, vf, d, m[i], l[i], acc + i * d);
+    }
+    t += n;
+  }
+}
 
-  at::parallel_for(0, rows * split, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(heads * d), acc(heads * d), kf(token_stride), scores;
-    std::vector<int64_t> kv_offset(heads);  // where head h's KV head sits in a token's row (no division in the loops)
-    for (int64_t h = 0; h < heads; ++h) kv_offset[h] = (h / group) * d;
+// Every row: its KV heads' queries over tokens [start, ctx) (start = starts[r] or the window's
+// first), from the state in init [rows, heads, d + 2] (m, l, acc) where starts[r] > 0.
+template <typename T, int D>
+static void decode_rows(const torch::Tensor& q, const Cache& c, const int64_t* lens, double scale, int64_t window,
+                        const int64_t* starts, const float* init, torch::Tensor& out) {
+  const int64_t rows = q.size(0), heads = q.size(1), d = D > 0 ? D : c.d, group = heads / c.kv_heads;
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows * c.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * d), acc(group * d), m(group), l(group), kf(TILE * d), vf(TILE * d), s(TILE);
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t r = job / split, kv0 = (job % split) * heads_per_job, kv1 = kv0 + heads_per_job;
-      const int64_t h0 = kv0 * group, h1 = kv1 * group, ctx = lens[r];
-      const int64_t* table = tables + r * max_blocks;
-      scores.resize(heads * ctx);
-      load_row(qp + (r * heads + h0) * d, qf.data() + h0 * d, (h1 - h0) * d);
-      for (int64_t i = h0 * d; i < h1 * d; ++i) qf[i] *= static_cast<float>(scale);
-      // Scores: block by block (no division per token), each token's keys read once for every
-      // query head of the job's KV heads.
-      for (int64_t b = 0, t = 0; t < ctx; ++b) {
-        const T* kblock = kp + table[b] * block_size * token_stride;
-        for (int64_t j = 0; j < block_size && t < ctx; ++j, ++t) {
-          load_row(kblock + j * token_stride + kv0 * d, kf.data() + kv0 * d, (kv1 - kv0) * d);
-          int64_t h = h0;
-          for (; h + 4 <= h1; h += 4) {  // four heads at a time: independent FMA chains
-            float s4[4];
-            const float* k0 = kf.data();
-            dot4(qf.data() + h * d, qf.data() + (h + 1) * d, qf.data() + (h + 2) * d, qf.data() + (h + 3) * d,
-                 k0 + kv_offset[h], k0 + kv_offset[h + 1], k0 + kv_offset[h + 2], k0 + kv_offset[h + 3], d, s4);
-            for (int64_t u = 0; u < 4; ++u) scores[(h + u) * ctx + t] = s4[u];
-          }
-          for (; h < h1; ++h) scores[h * ctx + t] = dot(qf.data() + h * d, kf.data() + kv_offset[h], d);
+      const int64_t r = job / c.kv_heads, kv = job % c.kv_heads, h0 = kv * group, ctx = lens[r];
+      load_row(qp + (r * heads + h0) * d, qf.data(), group * d);
+      for (auto& x : qf) x *= static_cast<float>(scale);
+      int64_t t0 = 0;
+      if (starts != nullptr && starts[r] > 0) {
+        t0 = starts[r];
+        for (int64_t g = 0; g < group; ++g) {
+          const float* st = init + (r * heads + h0 + g) * (d + 2);
+          m[g] = st[0]; l[g] = st[1];
+          std::copy(st + 2, st + 2 + d, acc.data() + g * d);
         }
+      } else {
+        std::fill(m.begin(), m.end(), NEG_BIG);
+        std::fill(l.begin(), l.end(), 0.f);
+        std::fill(acc.begin(), acc.end(), 0.f);
       }
-      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;  // sliding window: older keys get 0
-      for (int64_t h = h0; h < h1; ++h) {
-        float* sh = scores.data() + h * ctx;
-        float m = -INFINITY, sum = 0.f;
-        for (int64_t t = 0; t < first; ++t) sh[t] = 0.f;
-        for (int64_t t = first; t < ctx; ++t) m = std::max(m, sh[t]);
-        for (int64_t t = first; t < ctx; ++t) { sh[t] = std::exp(sh[t] - m); sum += sh[t]; }
-        const float inv = 1.f / sum;
-        for (int64_t t = first; t < ctx; ++t) sh[t] *= inv;
+      if (window > 0) t0 = std::max(t0, ctx - window);
+      attend_range<T, D>(c, c.tables + r * c.max_blocks, kv, t0, ctx, qf.data(), group, m.data(), l.data(),
+                         acc.data(), kf.data(), vf.data(), s.data());
+      for (int64_t g = 0; g < group; ++g) {
+        const float inv = 1.f / l[g];
+        for (int64_t i = 0; i < d; ++i) acc[g * d + i] *= inv;
       }
-      std::fill(acc.begin() + h0 * d, acc.begin() + h1 * d, 0.f);
-      for (int64_t b = 0, t = 0; t < ctx; ++b) {
-        const T* vblock = vp + table[b] * block_size * token_stride;
-        for (int64_t j = 0; j < block_size && t < ctx; ++j, ++t) {
-          load_row(vblock + j * token_stride + kv0 * d, kf.data() + kv0 * d, (kv1 - kv0) * d);
-          for (int64_t h = h0; h < h1; ++h) {
-            const float p = scores[h * ctx + t];
-            const float* vh = kf.data() + kv_offset[h];
-            float* a = acc.data() + h * d;
-            for (int64_t i = 0; i < d; ++i) a[i] += p * vh[i];
-          }
-        }
-      }
-      T* o = op + (r * heads + h0) * d;
-      for (int64_t i = 0; i < (h1 - h0) * d; ++i) o[i] = static_cast<T>(acc[h0 * d + i]);
+      store_row(acc.data(), op + (r * heads + h0) * d, group * d);
     }
   });
 }
 
+// The shared pass: each (group, KV head, chunk of up to 32 member rows) attends the group's shared
+// blocks and leaves every member head's state in state [rows, heads, d + 2].
+template <typename T, int D>
+static void shared_pass(const torch::Tensor& q, const Cache& c, double scale, const int64_t* group_rows,
+                        const int64_t* group_starts, const int64_t* group_blocks, int64_t num_groups,
+                        float* state) {
+  constexpr int64_t CHUNK = 32;
+  const int64_t heads = q.size(1), d = D > 0 ? D : c.d, group = heads / c.kv_heads;
+  const T* qp = q.data_ptr<T>();
+  std::vector<int64_t> jobs;  // (group, first member) pairs, flattened
+  for (int64_t g = 0; g < num_groups; ++g)
+    for (int64_t i = group_starts[g]; i < group_starts[g + 1]; i += CHUNK) { jobs.push_back(g); jobs.push_back(i); }
+  const int64_t num_jobs = static_cast<int64_t>(jobs.size() / 2);
+  at::parallel_for(0, num_jobs * c.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(CHUNK * group * d), acc(CHUNK * group * d), m(CHUNK * group), l(CHUNK * group);
+    std::vector<float> kf(TILE * d), vf(TILE * d), s(TILE);
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t g = jobs[2 * (job / c.kv_heads)], first = jobs[2 * (job / c.kv_heads) + 1];
+      const int64_t kv = job % c.kv_heads, h0 = kv * group;
+      const int64_t n_rows = std::min(CHUNK, group_starts[g + 1] - first), nq = n_rows * group;
+      for (int64_t i = 0; i < n_rows; ++i)
+        load_row(qp + (group_rows[first + i] * heads + h0) * d, qf.data() + i * group * d, group * d);
+      for (int64_t i = 0; i < nq * d; ++i) qf[i] *= static_cast<float>(scale);
+      std::fill(m.begin(), m.begin() + nq, NEG_BIG);
+      std::fill(l.begin(), l.begin() + nq, 0.f);
+      std::fill(acc.begin(), acc.begin() + nq * d, 0.f);
+      const int64_t* table = c.tables + group_rows[group_starts[g]] * c.max_blocks;
+      attend_range<T, D>(c, table, kv, 0, group_blocks[g] * c.block_size, qf.data(), nq, m.data(), l.data(),
+                         acc.data(), kf.data(), vf.data(), s.data());
+      for (int64_t i = 0; i < n_rows; ++i)
+        for (int64_t gh = 0; gh < group; ++gh) {
+          float* st = state + (group_rows[first + i] * heads + h0 + gh) * (d + 2);
+          const int64_t qi = i * group + gh;
+          st[0] = m[qi]; st[1] = l[qi];
+          std::copy(acc.data() + qi * d, acc.data() + (qi + 1) * d, st + 2);
+        }
+    }
+  });
+}
+
+static Cache make_cache(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& tables) {
+  return Cache{k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr<int64_t>(), tables.size(1),
+               k_cache.size(1), k_cache.size(2), k_cache.size(3)};
+}
+
+#define DISPATCH_HEAD_DIM(NAME, ...)                                                          \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), NAME, [&] {      \
+    switch (q.size(2)) {                                                                      \
+      case 64: { constexpr int D = 64; __VA_ARGS__; break; }                                  \
+      case 128: { constexpr int D = 128; __VA_ARGS__; break; }                                \
+      default: { constexpr int D = 0; __VA_ARGS__; }                                          \
+    }                                                                                         \
+  })
+
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                torch::Tensor block_tables, torch::Tensor ctx_lens, double scale, int64_t window) {
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), "one dtype");
   auto out = torch::empty_like(q);
   auto tables = block_tables.to(torch::kInt64).contiguous();
   auto lens = ctx_lens.to(torch::kInt64).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
-    switch (q.size(2)) {
-      case 64: decode_attention_impl<scalar_t, 64>(q, k_cache, v_cache, tables, lens, scale, window, out); break;
-      case 128: decode_attention_impl<scalar_t, 128>(q, k_cache, v_cache, tables, lens, scale, window, out); break;
-      default: decode_attention_impl<scalar_t, 0>(q, k_cache, v_cache, tables, lens, scale, window, out);
+  const Cache c = make_cache(k_cache, v_cache, tables);
+  DISPATCH_HEAD_DIM("decode_attention",
+                    decode_rows<scalar_t, D>(q, c, lens.data_ptr<int64_t>(), scale, window, nullptr, nullptr, out));
+  return out;
+}
+
+torch::Tensor cascade_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                       torch::Tensor block_tables, torch::Tensor ctx_lens, double scale,
+                                       torch::Tensor group_rows, torch::Tensor group_starts,
+                                       torch::Tensor group_blocks) {
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), "one dtype");
+  auto out = torch::empty_like(q);
+  auto tables = block_tables.to(torch::kInt64).contiguous();
+  auto lens = ctx_lens.to(torch::kInt64).contiguous();
+  auto grows = group_rows.to(torch::kInt64).contiguous();
+  auto gstarts = group_starts.to(torch::kInt64).contiguous();
+  auto gblocks = group_blocks.to(torch::kInt64).contiguous();
+  const int64_t rows = q.size(0), num_groups = gblocks.size(0), bs = k_cache.size(1);
+  TORCH_CHECK(gstarts.size(0) == num_groups + 1, "group_starts must have num_groups + 1 entries");
+  // Where each row's own pass begins (0: no group) and the shared pass's state per (row, head).
+  auto starts = torch::zeros({rows}, torch::kInt64);
+  int64_t* st = starts.data_ptr<int64_t>();
+  const int64_t* gr = grows.data_ptr<int64_t>();
+  const int64_t* gs = gstarts.data_ptr<int64_t>();
+  const int64_t* gb = gblocks.data_ptr<int64_t>();
+  const int64_t* ln = lens.data_ptr<int64_t>();
+  for (int64_t g = 0; g < num_groups; ++g)
+    for (int64_t i = gs[g]; i < gs[g + 1]; ++i) {
+      TORCH_CHECK(gr[i] >= 0 && gr[i] < rows && st[gr[i]] == 0, "group_rows: a row out of range or in two groups");
+      TORCH_CHECK(gb[g] > 0 && gb[g] * bs < ln[gr[i]], "group_blocks: a row's context must reach past its shared blocks");
+      st[gr[i]] = gb[g] * bs;
     }
+  auto state = torch::empty({rows, q.size(1), q.size(2) + 2}, torch::kFloat32);
+  const Cache c = make_cache(k_cache, v_cache, tables);
+  DISPATCH_HEAD_DIM("cascade_decode_attention", {
+    shared_pass<scalar_t, D>(q, c, scale, gr, gs, gb, num_groups, state.data_ptr<float>());
+    decode_rows<scalar_t, D>(q, c, ln, scale, 0, st, state.data_ptr<float>(), out);
   });
   return out;
 }
 """
 
-load = lazy_build("batchgen_cpu_decode_attention", _SOURCE, ["decode_attention"])
+load = lazy_build("batchgen_cpu_decode_attention_v3", _SOURCE, ["decode_attention", "cascade_decode_attention"])
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, window: int = 0) -> torch.Tensor:
@@ -131,14 +320,12 @@ def decode_attention_ref(q, k_cache, v_cache, block_tables, ctx_lens, scale: flo
     out = torch.empty_like(q)
     for r in range(rows):
         ctx = int(ctx_lens[r])
+        lo = max(0, ctx - window) if window > 0 else 0
         blocks = block_tables[r, :-(-ctx // block_size)]
-        k = k_cache[blocks].reshape(-1, kv_heads, d)[:ctx].float()  # [ctx, kv_heads, d]
-        v = v_cache[blocks].reshape(-1, kv_heads, d)[:ctx].float()
-        k = k.repeat_interleave(heads // kv_heads, dim=1)  # [ctx, heads, d]
+        k = k_cache[blocks].reshape(-1, kv_heads, d)[lo:ctx].float()  # [ctx - lo, kv_heads, d]
+        v = v_cache[blocks].reshape(-1, kv_heads, d)[lo:ctx].float()
+        k = k.repeat_interleave(heads // kv_heads, dim=1)  # [ctx - lo, heads, d]
         v = v.repeat_interleave(heads // kv_heads, dim=1)
-        s = torch.einsum("hd,thd->ht", q[r].float() * scale, k)
-        if window > 0:
-            s[:, :max(0, ctx - window)] = float("-inf")
-        p = s.softmax(-1)
+        p = torch.einsum("hd,thd->ht", q[r].float() * scale, k).softmax(-1)
         out[r] = torch.einsum("ht,thd->hd", p, v).to(q.dtype)
     return out

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kernels.cascade_attention import cascade_decode_attention_cpu
 from kernels.cpu_decode_attention import decode_attention as cpu_decode_attention
 
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa came in 2.5
@@ -48,6 +49,16 @@ class SingleGroup:
 
 
 @dataclass
+class CascadeGroups:
+    """One-token rows sharing leading blocks (batch rows, the first one-token row = 0): group g is
+    rows[starts[g]:starts[g+1]], sharing blocks[g] blocks (kernels/cascade_attention.py)."""
+    rows: torch.Tensor  # [grouped rows] int (int64 for the torch backend, int32 for Triton)
+    starts: torch.Tensor  # [groups + 1]
+    blocks: torch.Tensor  # [groups]
+    max_rows: int  # the largest group
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [tokens] flat slot (block * block_size + offset) of each new token
     num_single: int  # rows with one query token; they come first in the batch, shortest context first
@@ -62,6 +73,8 @@ class AttentionMetadata:
     max_context_len: int = 0
     # Masks of windowed layers, built on first use in a step: (group or chunk index, window) -> mask
     window_masks: dict = field(default_factory=dict)
+    # Shared-prefix groups among the one-token rows (ModelRunner.prepare), None: no group pays.
+    cascade: CascadeGroups | None = None
 
 
 def _sdpa(q, k, v, mask, scale, causal=False):
@@ -129,6 +142,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
 
     group = heads // kv_heads
     for i, g in enumerate(meta.single_groups):
+        if g.ctx_lens is not None and meta.cascade is not None and not window and not softcap:
+            c = meta.cascade  # one pass over each shared prefix per group (the cascade kernel has no window)
+            out[g.start:g.end] = cascade_decode_attention_cpu(q[g.start:g.end].contiguous(), k_cache, v_cache,
+                                                              g.block_tables, g.ctx_lens, scale, c.rows, c.starts,
+                                                              c.blocks)
+            continue
         if g.ctx_lens is not None and not softcap:  # the C++ kernel reads K/V in place: no gathered copy
             out[g.start:g.end] = cpu_decode_attention(q[g.start:g.end].contiguous(), k_cache, v_cache,
                                                       g.block_tables, g.ctx_lens, scale, window)

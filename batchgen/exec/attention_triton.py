@@ -15,6 +15,7 @@ import torch
 
 from batchgen.exec.attention import AttentionMetadata
 from kernels._utils import interpreted as _interpreted
+from kernels.cascade_attention import cascade_decode_attention_triton
 from kernels.paged_attention import _decode_kernel
 from kernels.paged_attention import paged_attention as _paged_attention
 from kernels.store_kv import store_kv
@@ -33,9 +34,25 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         raise ValueError("the Triton attention backend needs cu_seqlens_q / context_lens / block_tables in "
                          "AttentionMetadata: set ModelRunner.attention_backend = 'triton'")
     store_kv(k, v, kv_cache, meta.slot_mapping)
+    if meta.cascade is not None and meta.num_single > 0:
+        return _cascade_then_chunks(q, kv_cache, meta, scale)
     return _paged_attention(q, kv_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, scale,
                             max_q_len=meta.max_q_len or None, max_context_len=meta.max_context_len or None,
                             has_decode=meta.num_single > 0, window=window, softcap=softcap)
+
+
+def _cascade_then_chunks(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float):
+    """The one-token rows (first n tokens, one per row) through cascade attention, then the
+    multi-token rows after them through paged_attention alone."""
+    n, c = meta.num_single, meta.cascade
+    out = torch.empty_like(q)
+    cascade_decode_attention_triton(q[:n], kv_cache, meta.block_tables[:n], meta.context_lens[:n], scale, c.rows,
+                                    c.starts, c.blocks, max_group_rows=c.max_rows, out=out[:n])
+    if q.shape[0] > n:
+        _paged_attention(q[n:], kv_cache, meta.cu_seqlens_q[n:] - n, meta.context_lens[n:], meta.block_tables[n:],
+                         scale, max_q_len=meta.max_q_len or None, max_context_len=meta.max_context_len or None,
+                         has_decode=False, out=out[n:])
+    return out
 
 
 def use_triton_attention(model: torch.nn.Module) -> None:

@@ -13,16 +13,20 @@ from dataclasses import replace
 import torch
 
 from batchgen.cache.kv_manager import cdiv
-from batchgen.exec.attention import AttentionMetadata, ChunkSegment, SingleGroup
+from batchgen.exec.attention import AttentionMetadata, CascadeGroups, ChunkSegment, SingleGroup
 from batchgen.exec.prompt_logprobs import chunk_prompt_logprobs, needs_prompt_logprobs
 from batchgen.exec.rejection import verify_greedy, verify_sampled
 from batchgen.exec.sampler import Sampler, filtered_probs
-from batchgen.sched.output import ModelOutput, ScheduledRequest, SchedulerOutput
+from batchgen.sched.output import ModelOutput, ScheduledRequest, SchedulerOutput, shared_prefix_groups
 from batchgen.speculative import Proposer
 from kernels.cpu_decode_attention import load as load_cpu_decode_kernel
 
 
 class ModelRunner:
+    # Cascade attention for one-token rows sharing >= this many leading blocks (2+ rows); 0: off.
+    # Off by default: on the 2-core CPU it did not yet pay reliably in engine decode steps (issue #18).
+    cascade_min_blocks = 0
+
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, device: torch.device, seed: int):
         self.model = model
         self.kv_caches = kv_caches  # per layer [2, num_blocks, block_size, kv_heads, head_dim]
@@ -72,8 +76,21 @@ class ModelRunner:
             meta.single_groups = self._single_groups(starts[:num_single], tables)
             meta.chunks = [self._chunk(int(first_token[i]), starts[i], lens[i], tables[i])
                            for i in range(num_single, len(rows))]
+        if self.cascade_min_blocks and (self.attention_backend == "triton" or self.cpu_decode_kernel):
+            meta.cascade = self._cascade(rows[:num_single])
         last_token = (first_token + lens_t - 1)[[i for i, r in enumerate(rows) if r.sample]]  # [sampled rows]
         return input_ids, positions.to(self.device), meta, last_token.to(self.device)
+
+    def _cascade(self, singles: list[ScheduledRequest]) -> CascadeGroups | None:
+        """Groups of one-token rows sharing leading blocks, None when there is none."""
+        g_rows, g_starts, g_blocks = shared_prefix_groups([r.block_ids for r in singles],
+                                                          [r.start_pos + 1 for r in singles], self.block_size,
+                                                          min_blocks=self.cascade_min_blocks)
+        if not g_blocks:
+            return None
+        dtype = torch.int32 if self.attention_backend == "triton" else torch.long
+        return CascadeGroups(self._tensor(g_rows, dtype), self._tensor(g_starts, dtype), self._tensor(g_blocks, dtype),
+                             max(b - a for a, b in zip(g_starts, g_starts[1:])))
 
     def _single_groups(self, starts: list[int], tables: torch.Tensor) -> list[SingleGroup]:
         """Torch backend: the one-token rows (positions `starts`, shortest context first)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from batchgen.sampling import SamplingParams
@@ -51,3 +52,39 @@ class ModelOutput:
     num_proposed: list[int] | None = None  # proposals verified, per row
     # prompt_logprobs: request id -> (index of the first prompt token scored, [{token id: logprob}])
     prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]] | None = None
+
+
+def shared_prefix_groups(block_ids: list[list[int]], ctx_lens: list[int], block_size: int, min_rows: int = 2,
+                         min_blocks: int = 4) -> tuple[list[int], list[int], list[int]]:
+    """Groups of one-token rows whose block tables begin with the same blocks (the radix cache
+    gives rows with a common cached prefix the same block ids), for cascade attention.
+
+    Row i may share at most (ctx_lens[i] - 1) // block_size blocks (its own pass keeps its last
+    token). Rows sorted by their tables put common prefixes side by side; a run of neighbours
+    sharing >= min_blocks blocks, at least min_rows long, is a group sharing the run's shortest
+    common prefix. Returns plain lists (group_rows, group_starts, group_blocks): group g is rows
+    group_rows[group_starts[g]:group_starts[g+1]] sharing group_blocks[g] leading blocks."""
+    tables = {i: ids[:(ctx - 1) // block_size] for i, (ids, ctx) in enumerate(zip(block_ids, ctx_lens))
+              if (ctx - 1) // block_size >= min_blocks}
+    order = sorted(tables, key=tables.__getitem__)
+    rows: list[int] = []
+    starts, blocks = [0], []
+    run, shared = order[:1], 0
+
+    def close():
+        if len(run) >= min_rows:
+            rows.extend(run)
+            starts.append(len(rows))
+            blocks.append(shared)
+
+    for prev, i in zip(order, order[1:]):
+        common = len(os.path.commonprefix([tables[prev], tables[i]]))
+        if common >= min_blocks:
+            shared = common if len(run) == 1 else min(shared, common)
+            run.append(i)
+        else:
+            close()
+            run, shared = [i], 0
+    if order:
+        close()
+    return rows, starts, blocks

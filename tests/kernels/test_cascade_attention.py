@@ -1,0 +1,112 @@
+"""Shared-prefix (cascade) decode attention: the C++ and Triton kernels and the torch reference
+against the plain decode attention reference (an independent oracle: one softmax per row)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.cascade_attention import (
+    cascade_decode_attention_cpu,
+    cascade_decode_attention_ref,
+    cascade_decode_attention_triton,
+)
+from kernels.cpu_decode_attention import decode_attention, decode_attention_ref, load
+
+needs_cpp = pytest.mark.skipif(load() is None, reason="no C++ compiler for the CPU kernel here")
+
+
+def _case(heads, kv_heads, d, block_size, dtype, seed=0):
+    """9 rows: two groups sharing 3 and 1 leading blocks (members in any order), 2 rows alone; the
+    members' own suffixes differ in length (one ends on a block boundary, one a token past it)."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks, max_blocks = 64, 8
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(dtype)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    shared_a, shared_b, pool = perm[:3], perm[3:4], iter(perm[4:])
+    bs = block_size
+    rows = [  # (shared blocks, ctx)
+        (shared_a, 3 * bs + 1), (shared_b, 2 * bs), (None, 5), (shared_a, 5 * bs - 2), (shared_b, bs + 3),
+        (shared_a, 4 * bs), (None, 3 * bs + 7), (shared_a, 3 * bs + bs // 2), (shared_b, 6 * bs + 1),
+    ]
+    tables = []
+    for shared, _ctx in rows:
+        own = [next(pool) for _ in range(max_blocks - (len(shared) if shared else 0))]
+        tables.append((shared or []) + own)
+    tables = torch.tensor(tables)
+    ctx = torch.tensor([c for _, c in rows])
+    q = torch.randn(len(rows), heads, d, generator=gen).to(dtype)
+    group_rows = torch.tensor([7, 0, 3, 5, 1, 4, 8])
+    group_starts = torch.tensor([0, 4, 7])
+    group_blocks = torch.tensor([3, 1])
+    return q, k_cache, v_cache, tables, ctx, (group_rows, group_starts, group_blocks)
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(4, 4, 32), (9, 3, 64), (8, 2, 128)])
+def test_reference_equals_plain(heads, kv_heads, d):
+    q, k, v, tables, ctx, groups = _case(heads, kv_heads, d, 16, torch.float32)
+    torch.testing.assert_close(cascade_decode_attention_ref(q, k, v, tables, ctx, 0.2, *groups),
+                               decode_attention_ref(q, k, v, tables, ctx, 0.2), atol=1e-5, rtol=1e-5)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads,d", [(4, 4, 32), (9, 3, 64), (8, 2, 128)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_cpu_kernel_equals_plain(dtype, tol, heads, kv_heads, d, block_size):
+    q, k, v, tables, ctx, groups = _case(heads, kv_heads, d, block_size, dtype, seed=heads + d)
+    out = cascade_decode_attention_cpu(q, k, v, tables, ctx, 0.15, *groups)
+    torch.testing.assert_close(out.float(), decode_attention_ref(q, k, v, tables, ctx, 0.15).float(),
+                               atol=tol, rtol=tol)
+    # Against the plain C++ kernel on the same inputs: the same sums in another order.
+    torch.testing.assert_close(out.float(), decode_attention(q, k, v, tables, ctx, 0.15).float(), atol=tol,
+                               rtol=tol)
+
+
+@needs_cpp
+def test_cpu_kernel_rejects_bad_groups():
+    q, k, v, tables, ctx, (rows, starts, blocks) = _case(4, 4, 32, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="two groups"):
+        cascade_decode_attention_cpu(q, k, v, tables, ctx, 0.1, torch.tensor([0, 0]), torch.tensor([0, 2]),
+                                     torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="reach past"):  # row 1 (ctx 2 blocks) cannot share 2 blocks
+        cascade_decode_attention_cpu(q, k, v, tables, ctx, 0.1, torch.tensor([1, 4]), torch.tensor([0, 2]),
+                                     torch.tensor([2]))
+
+
+@needs_cpp
+@pytest.mark.parametrize("window", [1, 5, 16, 40, 1000])
+def test_cpu_plain_kernel_sliding_window(window):
+    q, k, v, tables, ctx, _ = _case(9, 3, 64, 16, torch.float32, seed=window)
+    torch.testing.assert_close(decode_attention(q, k, v, tables, ctx, 0.2, window),
+                               decode_attention_ref(q, k, v, tables, ctx, 0.2, window), atol=1e-5, rtol=1e-5)
+    if window < 16:  # the window changes the result (else the test would not test it)
+        assert not torch.allclose(decode_attention(q, k, v, tables, ctx, 0.2, window),
+                                  decode_attention(q, k, v, tables, ctx, 0.2), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads,d", [(4, 2, 32), (9, 3, 64)])
+def test_triton_kernel_equals_plain(device, dtype, tol, heads, kv_heads, d):
+    q, k, v, tables, ctx, groups = _case(heads, kv_heads, d, 16, dtype, seed=d)
+    kv_cache = torch.stack([k, v]).to(device)
+    ints = [t.to(torch.int32).to(device) for t in (tables, ctx, *groups)]
+    out = cascade_decode_attention_triton(q.to(device), kv_cache, *ints[:2], 0.15, *ints[2:], max_group_rows=4)
+    torch.testing.assert_close(out.float().cpu(), decode_attention_ref(q, k, v, tables, ctx, 0.15).float(),
+                               atol=tol, rtol=tol)
+
+
+def test_triton_kernel_chunks_and_no_groups(device):
+    """Groups larger than a program's chunk of rows (block_r=2: several chunks per group), and no groups."""
+    q, k, v, tables, ctx, groups = _case(4, 2, 32, 16, torch.float32, seed=3)
+    kv_cache = torch.stack([k, v]).to(device)
+    ints = [t.to(torch.int32).to(device) for t in (tables, ctx, *groups)]
+    ref = decode_attention_ref(q, k, v, tables, ctx, 0.3)
+    from kernels.cascade_attention_triton import cascade_decode_attention
+    out = cascade_decode_attention(q.to(device), kv_cache, *ints[:2], 0.3, *ints[2:], max_group_rows=4, block_r=2)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
+    empty = [torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32, device=device),
+             torch.zeros(0, dtype=torch.int32, device=device)]
+    out = cascade_decode_attention(q.to(device), kv_cache, *ints[:2], 0.3, *empty, max_group_rows=0)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
