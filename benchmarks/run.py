@@ -25,7 +25,7 @@ from benchmarks import workloads as W
 
 PEERS = ("batchgen", "batchgen-no-cache", "hf-static", "hf-batch", "vllm-cpu")
 WORKLOAD_PEERS = {
-    "W2": ("batchgen", "batchgen-penalties", "batchgen-no-cache", "hf-static", "hf-batch"),
+    "W2": ("batchgen", "batchgen-penalties", "batchgen-no-cache", "hf-static", "hf-batch", "vllm-cpu"),
     "W3s": ("batchgen", "batchgen-cascade", "hf-static", "vllm-cpu"),
     # decode step time over the same prefixes at 64 and 256 rows: cascade off (default) and on
     "W3s-64": ("batchgen", "batchgen-cascade"),
@@ -88,8 +88,8 @@ def run_one(peer: str, workload: str, quick: bool, dtype: str) -> dict:
 
 
 def main(quick: bool = False, out: str = "bench-results", dtype: str = "bfloat16",
-         workloads: tuple[str, ...] = ("W1", "W2", "W3", "D", "W4", "W5-b1", "W5-b64", "W6", "W7")) -> list[dict]:
-         workloads: tuple[str, ...] = ("W1", "W2", "W3", "W3s", "D", "W4", "W5-b1", "W5-b64", "W3s-64", "W3s-256"),
+         workloads: tuple[str, ...] = ("W1", "W2", "W3", "W3s", "D", "W4", "W5-b1", "W5-b64", "W6", "W7",
+                                       "W3s-64", "W3s-256"),
          only_peers: tuple[str, ...] | None = None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from benchmarks.peers import DTYPES
