@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchgen.job import store
+from batchgen.job.columns import decode_json_columns
 from batchgen.job.manifest import OutputDir, job_totals
 
 INTERNAL_COLUMNS = ("_shard_index", "_row_index")
@@ -173,8 +174,10 @@ def write_merged(rows: MergedRows, to: str) -> int:
     with store.atomic_open(fs, path) as f:
         if jsonl:
             for batch in rows.batches():
+                # JSON-text kept columns go out as the JSON values they hold: JSONL in, JSONL out, unchanged.
+                records = decode_json_columns(pa.Table.from_batches([batch]))
                 f.write("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
-                                for r in batch.to_pylist()).encode("utf-8"))
+                                for r in records).encode("utf-8"))
                 written += batch.num_rows
         else:
             with pq.ParquetWriter(f, rows.schema) as writer:

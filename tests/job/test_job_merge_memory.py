@@ -106,3 +106,28 @@ def test_merge_writes_parquet_or_jsonl_atomically_in_input_order(tmp_path):
         merge_outputs([bad], str(tmp_path / "bad.jsonl"))
     assert not (tmp_path / "bad.jsonl").exists()  # a merge that fails leaves nothing, not half a file
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_merge_to_jsonl_writes_json_text_columns_as_their_values(tmp_path):
+    """A kept column stored as JSON text (columns.py) goes out of a JSONL merge as the value it holds."""
+    from batchgen.job.columns import JSON_STORAGE, STORAGE_KEY
+
+    url = str(tmp_path / "out")
+    out = JobOutput(url).root
+    out.write_manifest({"fingerprint": {"job": "merge-test"}, "total_rows": 3})
+    values = [[1, "a", {"b": None}], "plain", None]
+    meta = pa.field("meta", pa.string(), metadata={STORAGE_KEY: JSON_STORAGE})
+    table = pa.Table.from_arrays([
+        pa.array(["r0", "r1", "r2"]), pa.array([json.dumps(v) if v is not None else None for v in values]),
+        pa.array(["x", "y", "z"]), pa.nulls(3, pa.string()), pa.array([0, 0, 0], pa.int32()),
+        pa.array([0, 1, 2], pa.int64())],
+        schema=pa.schema([pa.field("id", pa.string()), meta, pa.field("generated_text", pa.string()),
+                          pa.field("error", pa.string()), pa.field("_shard_index", pa.int32()),
+                          pa.field("_row_index", pa.int64())]))
+    out.commit(lambda f: pq.write_table(table, f), {
+        "rows": encode_keys((0, r) for r in range(3)), "skipped": {}, "num_rows": 3, "num_errors": 0,
+        "num_skipped": 0, "num_prompt_tokens": 0, "num_generated_tokens": 0, "num_cached_tokens": 0})
+    merge_outputs([url], str(tmp_path / "m.jsonl"))
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [line["meta"] for line in lines] == values
+    assert [line["generated_text"] for line in lines] == ["x", "y", "z"]
