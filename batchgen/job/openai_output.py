@@ -102,8 +102,12 @@ def merge_openai_batch(urls: list[str], to: str, errors_to: str | None = None,
                        allow_partial: bool = False) -> dict[str, Any]:
     """`batchgen merge --format openai-batch`: the committed rows of one job, in input order, as OpenAI
     batch output lines. Returns merge's totals plus "lines"."""
-    from batchgen.job.manifest import OutputDir
-    from batchgen.job.outputs import INTERNAL_COLUMNS, OutputError, expand_outputs, read_output
+    import pyarrow as pa
+
+    from batchgen.job.columns import decode_json_columns
+    from batchgen.job.merge import MergeError
+    from batchgen.job.outdir import JobOutput
+    from batchgen.job.outputs import OutputError, expand_outputs, merged_rows
 
     dirs, unfinished, all_started = expand_outputs(urls)
     if unfinished and not allow_partial:
@@ -112,11 +116,14 @@ def merge_openai_batch(urls: list[str], to: str, errors_to: str | None = None,
                           "to merge what is committed")
     if not dirs:
         raise OutputError(f"{', '.join(urls)}: no task has started; nothing to merge")
-    table, totals = read_output(dirs)
-    table = table.drop_columns(list(INTERNAL_COLUMNS))
-    model = OutputDir(dirs[0]).read_manifest()["fingerprint"]["model"]["path"]
-    rows = (row for batch in table.to_batches() for row in batch.to_pylist())
-    totals.update(write_batch_output(rows, model, to, errors_to))
+    merged, total = merged_rows(dirs)  # streams: one batch of rows at a time, in input order
+    totals = merged.totals(total)
+    model = JobOutput(dirs[0]).root.read_manifest()["fingerprint"]["model"]["path"]
+    rows = (row for batch in merged.batches() for row in decode_json_columns(pa.Table.from_batches([batch])))
+    try:
+        totals.update(write_batch_output(rows, model, to, errors_to))
+    except MergeError as e:
+        raise OutputError(str(e)) from None
     if unfinished:
         totals["complete"] = False
     if not all_started:
