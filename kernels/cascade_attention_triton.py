@@ -59,8 +59,8 @@ def _shared_kernel(
         pos = start + tl.arange(0, BLOCK_N)
         n_valid = pos < shared_len
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kvh_off, pos, n_valid,
-                                     n_valid[None, :], d, d_valid, qk_scale, stride_cb, stride_co, stride_cd,
-                                     PAGE, DOT_PRECISION, UPCAST)
+                                     n_valid[None, :], d, d_valid, qk_scale, 0.0, stride_cb, stride_co, stride_cd,
+                                     PAGE, DOT_PRECISION, UPCAST, False)  # no softcap: such layers skip cascade
     slot = row * HEADS + head  # [BLOCK_M]
     tl.store(state_acc_ptr + slot[:, None] * HEAD_DIM + d[None, :], acc, mask=m_valid[:, None] & d_valid[None, :])
     tl.store(state_ml_ptr + slot, m_i, mask=m_valid)
@@ -106,8 +106,8 @@ def _own_kernel(
         pos = start + tl.arange(0, BLOCK_N)
         n_valid = pos < ctx
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kvh_off, pos, n_valid,
-                                     n_valid[None, :], d, d_valid, qk_scale, stride_cb, stride_co, stride_cd,
-                                     PAGE, DOT_PRECISION, UPCAST)
+                                     n_valid[None, :], d, d_valid, qk_scale, 0.0, stride_cb, stride_co, stride_cd,
+                                     PAGE, DOT_PRECISION, UPCAST, False)  # no softcap: such layers skip cascade
     o = acc / l_i[:, None]
     tl.store(out_ptr + tok * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
              o.to(out_ptr.dtype.element_ty), mask=g_valid[:, None] & d_valid[None, :])

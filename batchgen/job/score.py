@@ -118,10 +118,7 @@ class ScoreSchema(OutputSchema):
     """The output of a scoring job: the columns of OutputSchema a commit counts, and the scores."""
 
     def __init__(self, kept: pa.Schema, top_logprobs: int):
-        self.kept = kept
-        self.list_output = False
-        self.with_logprobs = False
-        self.with_reasoning = False
+        super().__init__(kept, list_output=False, with_logprobs=False)  # the kept columns' sources, among others
         self.top_logprobs = top_logprobs
         self.arrow = pa.schema([
             pa.field("id", pa.string()), *kept, pa.field("finish_reason", pa.string()),

@@ -78,7 +78,7 @@ def _looks_like_openai_batch(url: str) -> bool:
     first = next((line for line in read_lines(url, chunk_size=1 << 16) if line.strip()), b"")
     try:
         obj = json.loads(first)
-    except ValueError:
+    except (ValueError, RecursionError):  # a malformed or too deeply nested first line: a bad row, not a batch file
         return False
     return isinstance(obj, dict) and "custom_id" in obj and "body" in obj
 
