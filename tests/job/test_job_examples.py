@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow  # the embedded model
 
 
 @pytest.mark.parametrize("job, rows", [("jobs/demo.yaml", 16), ("jobs/openai-batch.yaml", 5),
-                                       ("jobs/chat-dataset.yaml", 24)])
+                                       ("jobs/chat-dataset.yaml", 24), ("jobs/structured.yaml", 4),
+                                       ("jobs/scoring.yaml", 4)])
 def test_shipped_jobs_run(tmp_path, job, rows):
     out = tmp_path / "out"
     result = run_cli("run", "-q", job, "--set", "sampling.max_tokens=4", "--set", f"output.path={out}")
