@@ -107,15 +107,9 @@ def merge_openai_batch(urls: list[str], to: str, errors_to: str | None = None,
     from batchgen.job.columns import decode_json_columns
     from batchgen.job.merge import MergeError
     from batchgen.job.outdir import JobOutput
-    from batchgen.job.outputs import OutputError, expand_outputs, merged_rows
+    from batchgen.job.outputs import OutputError, merged_rows, outputs_to_merge
 
-    dirs, unfinished, all_started = expand_outputs(urls)
-    if unfinished and not allow_partial:
-        raise OutputError("rows are missing, not finished: " + "; ".join(unfinished) + ". "
-                          "Rerun what is unfinished (it resumes where it stopped), or pass --allow-partial "
-                          "to merge what is committed")
-    if not dirs:
-        raise OutputError(f"{', '.join(urls)}: no task has started; nothing to merge")
+    dirs, unfinished, all_started = outputs_to_merge(urls, allow_partial)
     merged, total = merged_rows(dirs)  # streams: one batch of rows at a time, in input order
     totals = merged.totals(total)
     model = JobOutput(dirs[0]).root.read_manifest()["fingerprint"]["model"]["path"]

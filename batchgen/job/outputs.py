@@ -190,13 +190,8 @@ def expand_outputs(urls: list[str]) -> tuple[list[str], list[str], bool]:
     return dirs, unfinished, all_started
 
 
-def merge_outputs(urls: list[str], to: str, allow_partial: bool = False) -> dict[str, Any]:
-    """Write one Parquet file (JSON Lines for a .jsonl name) of every committed row in input order,
-    streaming and atomically (a temporary file renamed); returns the job totals.
-
-    While rows are missing (a task has not finished) it refuses, naming what is unfinished, unless
-    allow_partial; the totals then list it under "unfinished".
-    """
+def outputs_to_merge(urls: list[str], allow_partial: bool) -> tuple[list[str], list[str], bool]:
+    """expand_outputs, refusing while rows are missing (unless allow_partial) or when nothing started."""
     dirs, unfinished, all_started = expand_outputs(urls)
     if unfinished and not allow_partial:
         raise OutputError("rows are missing, not finished: " + "; ".join(unfinished) + ". "
@@ -204,6 +199,17 @@ def merge_outputs(urls: list[str], to: str, allow_partial: bool = False) -> dict
                           "to merge what is committed")
     if not dirs:
         raise OutputError(f"{', '.join(urls)}: no task has started; nothing to merge")
+    return dirs, unfinished, all_started
+
+
+def merge_outputs(urls: list[str], to: str, allow_partial: bool = False) -> dict[str, Any]:
+    """Write one Parquet file (JSON Lines for a .jsonl name) of every committed row in input order,
+    streaming and atomically (a temporary file renamed); returns the job totals.
+
+    While rows are missing (a task has not finished) it refuses, naming what is unfinished, unless
+    allow_partial; the totals then list it under "unfinished".
+    """
+    dirs, unfinished, all_started = outputs_to_merge(urls, allow_partial)
     rows, total = merged_rows(dirs)
     try:
         write_merged(rows, to)
