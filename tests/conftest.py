@@ -62,6 +62,22 @@ def tiny_model_dir(tmp_path_factory, smol_dir):
     return make
 
 
+def save_random_model(config, tokenizer, path) -> str:
+    """A randomly initialised HF model of `config`, saved with `tokenizer` under `path` (weights N(0, 0.08):
+    sharper, less tie-prone logits than the default init)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int, model=None,
               ignore_eos: bool = True) -> list[list[int]]:
     """The oracle: HF transformers `generate`, greedy, fp32, one prompt at a time (no padding)."""

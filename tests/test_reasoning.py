@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import pyarrow.dataset as ds
 import pytest
-import torch
 
 from batchgen import LLM, SamplingParams
 from batchgen.reasoning import Markers, parse_reasoning, split_ids
-from tests.conftest import TINY
+from tests.conftest import TINY, save_random_model
 
 TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
@@ -26,22 +25,13 @@ CHAT = [{"role": "user", "content": "What is two plus two?"}]
 
 @pytest.fixture(scope="module")
 def qwen3_thinking(tmp_path_factory, smol_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+    from transformers import AutoTokenizer, Qwen3Config
 
     tok = AutoTokenizer.from_pretrained(smol_dir)
     tok.add_tokens(["<think>", "</think>"], special_tokens=True)
     tok.chat_template = TEMPLATE
     config = Qwen3Config(**{**TINY, "vocab_size": len(tok)}, head_dim=32, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    path = tmp_path_factory.mktemp("tiny-qwen3-thinking")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_random_model(config, tok, tmp_path_factory.mktemp("tiny-qwen3-thinking"))
 
 
 @pytest.fixture(scope="module")

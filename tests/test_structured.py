@@ -34,21 +34,13 @@ def tiny_full_vocab(tmp_path_factory, smol_dir) -> str:
     """A random 2-layer Llama with the embedded model's tokenizer and its whole 49152-token vocabulary:
     grammars need the real vocabulary, the many-row tests need a fast forward."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from tests.conftest import TINY
+    from tests.conftest import TINY, save_random_model
 
     config = transformers.LlamaConfig(**{**TINY, "vocab_size": 49152}, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    path = tmp_path_factory.mktemp("tiny-full-vocab")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(smol_dir).save_pretrained(path)
-    return str(path)
+    return save_random_model(config, AutoTokenizer.from_pretrained(smol_dir),
+                             tmp_path_factory.mktemp("tiny-full-vocab"))
 
 
 @pytest.fixture(scope="module")

@@ -6,23 +6,19 @@ rank's peak is its own shard plus one replicated tensor (a norm, a bias) at a ti
 
 from __future__ import annotations
 
-import glob
-import os
 from collections.abc import Iterator
 
 import torch
 
 from batchgen.distributed.layers import ShardPlan
+from batchgen.models.loader import safetensors_files
 
 
 def iter_shards(model_dir: str, plan: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, this rank's slice of the tensor) from every *.safetensors file of a directory."""
     from safetensors import safe_open
 
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    for file in files:
+    for file in safetensors_files(model_dir):  # the same shards the one-rank loader reads
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 cut = plan.slice_of(name)

@@ -122,12 +122,11 @@ def read_eos_token_ids(model_dir: str, config) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from every *.safetensors shard of a directory, one tensor at a time."""
-    from safetensors import safe_open
-
+def safetensors_files(model_dir: str) -> list[str]:
+    """The checkpoint's *.safetensors shards: those model.safetensors.index.json names (stray files are
+    not read), else every *.safetensors file of the directory."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.exists(index):  # sharded: the index names the shards (stray files are not read)
+    if os.path.exists(index):
         with open(index) as f:
             weight_map = json.load(f).get("weight_map") or {}
         files = [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
@@ -138,7 +137,14 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
         files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    for file in files:
+    return files
+
+
+def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from every *.safetensors shard of a directory, one tensor at a time."""
+    from safetensors import safe_open
+
+    for file in safetensors_files(model_dir):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)

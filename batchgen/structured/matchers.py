@@ -47,7 +47,6 @@ class StructuredState:
         # Allocated once: [max_rows, ceil(vocab / 32)] int32, one bit per token (1: allowed).
         self._host = torch.empty((max_rows, words), dtype=torch.int32, pin_memory=device.type == "cuda")
         self._device = self._host if device.type == "cpu" else torch.empty_like(self._host, device=device)
-        self._bit = torch.arange(32, dtype=torch.int32, device=device)  # [32]
         self._prepared: dict[str, int] | None = None  # request id -> buffer row, for this step's sampler
         self.num_masked_rows = 0
 
@@ -127,10 +126,15 @@ class StructuredState:
         pairs = [(i, prepared[r.request_id]) for i, r in enumerate(rows) if r.request_id in prepared]
         if not pairs:
             return logits
-        row_idx = torch.tensor([i for i, _ in pairs], device=logits.device)
-        words = self._device[[j for _, j in pairs]]  # [k, words]
-        allowed = ((words.unsqueeze(-1) >> self._bit) & 1).flatten(1)[:, :logits.shape[1]].bool()  # [k, vocab]
-        logits[row_idx] = logits[row_idx].masked_fill(~allowed, float("-inf"))
+        row_ids, mask_ids = [i for i, _ in pairs], [j for _, j in pairs]
+        words = self._device[mask_ids]  # [k, words], in logits-row order
+        if row_ids == list(range(logits.shape[0])):  # every row constrained: mask in place, no gather
+            xgr.apply_token_bitmask_inplace(logits, words)
+        else:
+            row_idx = torch.tensor(row_ids, device=logits.device)
+            constrained = logits[row_idx]  # [k, vocab]
+            xgr.apply_token_bitmask_inplace(constrained, words)
+            logits[row_idx] = constrained
         self.num_masked_rows += len(pairs)
         return logits
 

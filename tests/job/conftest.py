@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import save_random_model
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Deterministic engine settings for tests that compare two runs token for token: one row at a time
@@ -66,19 +68,9 @@ def engine():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, smol_dir):
     """A 2-layer Llama with SmolLM2's vocabulary, so that text prompts tokenize into it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoTokenizer, LlamaConfig
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    path = tmp_path_factory.mktemp("tiny-vocab")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(smol_dir).save_pretrained(path)
-    return str(path)
+    return save_random_model(config, AutoTokenizer.from_pretrained(smol_dir), tmp_path_factory.mktemp("tiny-vocab"))
