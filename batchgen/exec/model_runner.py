@@ -22,9 +22,14 @@ from batchgen.speculative import Proposer
 from kernels.cpu_decode_attention import load as load_cpu_decode_kernel
 
 
+# A group must share this many KV blocks (64 tokens at block size 16) for cascade attention: below it
+# the shared pass saves less than its log-sum-exp merge with each row's own pass costs.
+CASCADE_MIN_BLOCKS = 4
+
+
 class ModelRunner:
     # Cascade attention for one-token rows sharing >= this many leading blocks (2+ rows); 0: off.
-    # Off by default: on the 2-core CPU it did not yet pay reliably in engine decode steps (issue #18).
+    # The engine sets it from EngineConfig.cascade_attention.
     cascade_min_blocks = 0
 
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, device: torch.device, seed: int):
