@@ -1,7 +1,8 @@
 """Tensor parallelism on real torch.distributed (gloo, 2 CPU ranks): greedy fp32 output with
 tensor_parallel_size=2 equals tensor_parallel_size=1 and HF `generate` (up to measured near-ties), for a
 Llama whose single KV head is replicated and a Qwen3 whose 2 KV heads are sharded, also with tiny prefill
-chunks, preemption, the prefix cache and n-gram speculation; multi-LoRA matches PEFT; a killed or hung
+chunks, preemption, the prefix cache, n-gram and draft-model speculation; MoE (experts sliced along their
+intermediate dim), Gemma and Phi-3 too; multi-LoRA matches PEFT; a killed or hung
 rank is an error naming it, not a hang.
 """
 
@@ -114,9 +115,12 @@ def test_tp2_matches_tp1_and_hf(tiny, cls_name, overrides):
     (dict(max_num_batched_tokens=7, speculative={"method": "ngram", "num_speculative_tokens": 3,
                                                  "prompt_lookup_min": 1}), "chunks"),
     (dict(num_kv_blocks=10, block_size=16, max_model_len=128), "preemptions"),
+    (dict(max_num_batched_tokens=16), "draft"),  # the draft is whole on rank 0
 ])
 def test_tp2_with_small_chunks_speculation_or_preemption_matches_hf(tiny, engine, expect):
     model_dir = tiny("Qwen3Config", num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)
+    if expect == "draft":  # the target as its own draft: every proposal is accepted, multi-token rows on every rank
+        engine = {**engine, "speculative": {"method": "draft", "draft_model": model_dir, "num_speculative_tokens": 3}}
     rng = random.Random(5)
     prompts = _prompts(8, seed=6)
     prompts += [[rng.randrange(3, 500) for _ in range(5)] * 4 for _ in range(2)]  # repeats: n-gram hits
@@ -127,8 +131,14 @@ def test_tp2_with_small_chunks_speculation_or_preemption_matches_hf(tiny, engine
     if expect == "chunks":
         assert stats["steps"] > sum(len(p) for p in prompts) // 7
         assert stats["spec_proposed_tokens"] > 0 and stats["spec_accepted_tokens"] > 0
-    else:
+    elif expect == "preemptions":
         assert stats["preemptions"] > 0
+    else:  # the same proposals and verdicts as one rank with the same draft
+        assert stats["spec_acceptance_rate"] > 0.9
+        one, one_stats = _generate(model_dir, prompts, tp=1, **engine)
+        assert one == ours
+        assert (one_stats["spec_proposed_tokens"], one_stats["spec_accepted_tokens"]) == \
+            (stats["spec_proposed_tokens"], stats["spec_accepted_tokens"])
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "gemma2", "phi3"])
