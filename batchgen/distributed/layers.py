@@ -1,4 +1,5 @@
-"""Tensor-parallel layers and the in-place sharding of a Llama-family model (built on the meta device).
+"""Tensor-parallel layers and the in-place sharding of a model (built on the meta device): the Llama family,
+MoE, Gemma and Phi-3, which share its attention and MLP modules.
 
 Megatron's split, one all-reduce per attention and per MLP:
 - column-parallel q/k/v and gate/up: each rank keeps its heads' (its intermediate slice's) output rows
@@ -10,7 +11,6 @@ Megatron's split, one all-reduce per attention and per MLP:
   on the N / num_kv_heads ranks whose query heads share it.
 - vocab-parallel embedding (each rank looks up its vocabulary rows, zero elsewhere, all-reduce) and LM
   head (each rank's vocabulary rows; the logits are gathered for sampling on rank 0).
-
 - MoE layers (experts.py): every expert sliced along its intermediate dim like a dense MLP, the shared
   expert too; router and shared-expert gate replicated; one all-reduce per MoE layer.
 
