@@ -91,6 +91,13 @@ def test_shard_plan_replicates_kv_heads_when_fewer_than_ranks():
     assert moe.cut_of("model.layers.0.mlp.shared_expert.down_proj.weight") == (1, [(16, 32)])
     assert moe.cut_of("model.layers.0.mlp.gate.weight") is None  # the router, replicated
     assert moe.cut_of("model.layers.0.mlp.shared_expert_gate.weight") is None
+    from types import SimpleNamespace
+
+    from batchgen.distributed.layers import check_divisible
+
+    config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="must divide moe_intermediate_size=47"):
+        check_divisible(config, 2, {"intermediate_size": 64, "moe_intermediate_size": 47})
 
 
 @pytest.mark.parametrize("cls_name, overrides", [
