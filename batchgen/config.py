@@ -120,8 +120,6 @@ class EngineConfig:
         check(_pos_int(self.max_loras), "max_loras", "an int >= 1")
         check(_pos_int(self.max_lora_rank), "max_lora_rank", "an int >= 1")
         check(_pos_int(self.tensor_parallel_size), "tensor_parallel_size", "an int >= 1")
-        check(self.tensor_parallel_size == 1 or not self.speculative or self.speculative.method != "draft",
-              "tensor_parallel_size", "1 with a draft model (tensor parallelism speculates with ngram only)")
         check(isinstance(self.structured_outputs_compile_timeout, (int, float))
               and not isinstance(self.structured_outputs_compile_timeout, bool)
               and self.structured_outputs_compile_timeout > 0,

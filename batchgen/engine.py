@@ -73,7 +73,10 @@ class Engine:
         self.dtype = pick_dtype(config.dtype, self.device)
         self.model = self._load_model(self.model_dir, self.hf_config)
         self.speculative = config.speculative
-        self.draft_model = self._load_draft() if self.speculative and self.speculative.method == "draft" else None
+        # Tensor parallel: the draft runs whole on rank 0 alone; its proposals reach the other ranks in each
+        # step's rows (worker.StepSender), so the draft's forwards need no collectives.
+        self.draft_model = (self._load_draft() if self.speculative and self.speculative.method == "draft"
+                            and self._is_rank0() else None)
         self.lora, lora_slots = self._load_loras()  # before sizing the KV pool: slots take device memory
 
         self.block_size = config.block_size
@@ -93,7 +96,7 @@ class Engine:
         self.runner.cascade_min_blocks = CASCADE_MIN_BLOCKS if config.cascade_attention else 0
         self.runner.lora = self.lora
         self.runner.attention_backend = self.attention_backend
-        if self.speculative:
+        if self.speculative and self._is_rank0():  # a rank > 0 replays rank 0's rows, proposals included
             self.runner.proposer = self._make_proposer(num_blocks)
         if self.tp is not None and self.tp.rank == 0:
             from batchgen.distributed.worker import StepSender
@@ -144,17 +147,23 @@ class Engine:
 
     # ---- set-up -------------------------------------------------------------------------------
 
-    def _load_model(self, model_dir: str, hf_config) -> torch.nn.Module:
+    def _is_rank0(self) -> bool:
+        return self.tp is None or self.tp.rank == 0
+
+    def _load_model(self, model_dir: str, hf_config, shard: bool = True) -> torch.nn.Module:
+        """The model on this engine's device; under tensor parallelism this rank's shards of it, unless
+        shard=False (the draft model, whole on rank 0)."""
         cls = model_class(hf_config)
+        shard = shard and self.tp is not None
         with torch.device("meta"):
             model = cls(hf_config)  # no random init: every weight comes from the checkpoint
-            if self.tp is not None:  # this rank's shards only, read shard by shard
+            if shard:  # this rank's shards only, read shard by shard
                 from batchgen.distributed.layers import shard_model
                 from batchgen.distributed.loading import iter_shards
 
                 weights = iter_shards(model_dir, shard_model(model, self.tp))
         model = model.to(dtype=self.dtype).to_empty(device=self.device)
-        model.load_weights(weights if self.tp is not None else iter_safetensors(model_dir))
+        model.load_weights(weights if shard else iter_safetensors(model_dir))
         if can_pack(self.device, self.dtype):
             model.pack_for_cpu()
         if self.attention_backend == "triton":  # before anything runs it (the memory-profiling forward)
@@ -195,7 +204,7 @@ class Engine:
         if draft_config.vocab_size != self.vocab_size:
             raise ValueError(f"draft model {self.speculative.draft_model!r} has vocab_size {draft_config.vocab_size}, "
                              f"the target {self.vocab_size}: a draft must share the target's tokenizer")
-        return self._load_model(draft_dir, draft_config)
+        return self._load_model(draft_dir, draft_config, shard=False)
 
     def _make_proposer(self, num_blocks: int):
         if self.speculative.method == "ngram":

@@ -310,3 +310,44 @@ def test_array_job_with_a_task_stopped_and_requeued_merges_every_row_once(cluste
     assert table["error"].null_count == 12
     lengths = table["num_generated_tokens"].to_pylist()
     assert lengths == [r["max_tokens"] for r in rows]
+
+
+def test_tensor_parallel_job_under_srun_two_tasks_matches_one_rank(cluster, tmp_path, smol_dir):
+    """`srun --ntasks 2` launches both ranks of a TP=2 gloo engine (SLURM_PROCID / SLURM_NTASKS with
+    MASTER_ADDR / MASTER_PORT, as the README says): rank 0 runs the job, rank 1 serves its engine, and the
+    rows equal a one-rank run's."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from tests.conftest import TINY, save_random_model
+
+    model_dir = save_random_model(LlamaConfig(**{**TINY, "vocab_size": 49152, "tie_word_embeddings": True}),
+                                  AutoTokenizer.from_pretrained(smol_dir), tmp_path / "model")
+    rows = [{"id": f"r{i}", "prompt": f"Item {i}: the"} for i in range(6)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def job(name: str, tp: int) -> str:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": {"path": model_dir, "dtype": "float32"},
+            "input": {"path": "rows.jsonl"},
+            "output": {"path": name},
+            "sampling": {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True},
+            "engine": {"device": "cpu", "max_model_len": 128, "num_kv_blocks": 32, "tensor_parallel_size": tp},
+        }))
+        return str(path)
+
+    cluster.run("srun", "--ntasks=2", "--cpus-per-task=1", "--mem=4000M", "--time=10", f"--chdir={REPO}",
+                f"--export=ALL,MASTER_ADDR=127.0.0.1,MASTER_PORT={_free_port()}",
+                sys.executable, "-m", "batchgen", "run", "-q", job("tp2", 2), timeout=300)
+    reference = batchgen("run", "-q", job("tp1", 1), env=cluster.env, timeout=300)
+    assert reference.returncode == 0, reference.stderr
+
+    def texts(out: str) -> list[tuple[str, str]]:
+        import pyarrow.dataset as pads
+
+        table = pads.dataset(str(tmp_path / out)).to_table()  # the committed part files (_batchgen/ is skipped)
+        return sorted(zip(table["id"].to_pylist(), table["generated_text"].to_pylist()))
+
+    got = texts("tp2")
+    assert [i for i, _ in got] == [r["id"] for r in rows]  # every row once
+    assert got == texts("tp1") and all(t for _, t in got)

@@ -1,7 +1,8 @@
 """Tensor parallelism on real torch.distributed (gloo, 2 CPU ranks): greedy fp32 output with
 tensor_parallel_size=2 equals tensor_parallel_size=1 and HF `generate` (up to measured near-ties), for a
 Llama whose single KV head is replicated and a Qwen3 whose 2 KV heads are sharded, also with tiny prefill
-chunks, preemption, the prefix cache and n-gram speculation; multi-LoRA matches PEFT; a killed or hung
+chunks, preemption, the prefix cache, n-gram and draft-model speculation; MoE (experts sliced along their
+intermediate dim), Gemma and Phi-3 too; multi-LoRA matches PEFT; a killed or hung
 rank is an error naming it, not a hang.
 """
 
@@ -78,6 +79,25 @@ def test_shard_plan_replicates_kv_heads_when_fewer_than_ranks():
     assert plans[1].slice_of("model.layers.0.self_attn.o_proj.bias") is None  # added once, after the reduce
     assert plans[1].slice_of("model.layers.0.mlp.down_proj.weight") == (1, 16, 32)
     assert plans[1].slice_of("model.norm.weight") is None
+    # fused tensors keep one range per part, so a rank's shard keeps the fused layout
+    moe = ShardPlan(1, 2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate=64, vocab_size=10,
+                    expert_intermediate=48, shared_intermediate=32)
+    assert moe.cut_of("model.layers.0.self_attn.qkv_proj.weight") == (0, [(32, 64), (80, 96), (112, 128)])  # Phi-3
+    assert moe.cut_of("model.layers.0.mlp.gate_up_proj.weight") == (0, [(32, 64), (96, 128)])
+    assert moe.cut_of("model.layers.0.mlp.experts.gate_up_proj") == (1, [(24, 48), (72, 96)])  # [E, 2I, H]
+    assert moe.cut_of("model.layers.0.mlp.experts.down_proj") == (2, [(24, 48)])  # [E, H, I]
+    assert moe.cut_of("model.layers.0.mlp.experts.3.up_proj.weight") == (0, [(24, 48)])
+    assert moe.cut_of("model.layers.0.block_sparse_moe.experts.3.w2.weight") == (1, [(24, 48)])  # Mixtral down
+    assert moe.cut_of("model.layers.0.mlp.shared_expert.down_proj.weight") == (1, [(16, 32)])
+    assert moe.cut_of("model.layers.0.mlp.gate.weight") is None  # the router, replicated
+    assert moe.cut_of("model.layers.0.mlp.shared_expert_gate.weight") is None
+    from types import SimpleNamespace
+
+    from batchgen.distributed.layers import check_divisible
+
+    config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="must divide moe_intermediate_size=47"):
+        check_divisible(config, 2, {"intermediate_size": 64, "moe_intermediate_size": 47})
 
 
 @pytest.mark.parametrize("cls_name, overrides", [
@@ -102,9 +122,12 @@ def test_tp2_matches_tp1_and_hf(tiny, cls_name, overrides):
     (dict(max_num_batched_tokens=7, speculative={"method": "ngram", "num_speculative_tokens": 3,
                                                  "prompt_lookup_min": 1}), "chunks"),
     (dict(num_kv_blocks=10, block_size=16, max_model_len=128), "preemptions"),
+    (dict(max_num_batched_tokens=16), "draft"),  # the draft is whole on rank 0
 ])
 def test_tp2_with_small_chunks_speculation_or_preemption_matches_hf(tiny, engine, expect):
     model_dir = tiny("Qwen3Config", num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)
+    if expect == "draft":  # the target as its own draft: every proposal is accepted, multi-token rows on every rank
+        engine = {**engine, "speculative": {"method": "draft", "draft_model": model_dir, "num_speculative_tokens": 3}}
     rng = random.Random(5)
     prompts = _prompts(8, seed=6)
     prompts += [[rng.randrange(3, 500) for _ in range(5)] * 4 for _ in range(2)]  # repeats: n-gram hits
@@ -115,8 +138,62 @@ def test_tp2_with_small_chunks_speculation_or_preemption_matches_hf(tiny, engine
     if expect == "chunks":
         assert stats["steps"] > sum(len(p) for p in prompts) // 7
         assert stats["spec_proposed_tokens"] > 0 and stats["spec_accepted_tokens"] > 0
-    else:
+    elif expect == "preemptions":
         assert stats["preemptions"] > 0
+    else:  # the same proposals and verdicts as one rank with the same draft
+        assert stats["spec_acceptance_rate"] > 0.9
+        one, one_stats = _generate(model_dir, prompts, tp=1, **engine)
+        assert one == ours
+        assert (one_stats["spec_proposed_tokens"], one_stats["spec_accepted_tokens"]) == \
+            (stats["spec_proposed_tokens"], stats["spec_accepted_tokens"])
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "gemma2", "phi3"])
+def test_moe_gemma_phi3_under_tp2_match_hf(arch, tmp_path_factory, smol_dir):
+    """Experts sliced along their intermediate dim (Qwen2-MoE's shared expert too), Gemma's GeGLU and
+    Phi-3's fused checkpoint tensors, with prefill chunks of 7 tokens; Qwen3-MoE also against TP=1."""
+    from tests.tiny_models import hf_model, make_tiny
+
+    model_dir = make_tiny(tmp_path_factory.mktemp(arch), smol_dir, arch)
+    prompts = _prompts(5, seed=11)
+    prompts += [prompts[0][:30] + p for p in _prompts(2, seed=12)]  # a shared prefix: the prefix cache hits
+    hf = hf_model(model_dir)
+    theirs = hf_greedy(model_dir, prompts, MAX_NEW, model=hf)
+    ours, stats = _generate(model_dir, prompts, tp=2, max_num_batched_tokens=7)
+    assert_greedy_match(model_dir, prompts, ours, theirs, hf_model=hf)
+    assert stats["cached_prompt_tokens"] > 0
+    if arch == "qwen3_moe":
+        one, _ = _generate(model_dir, prompts, tp=1)
+        assert_greedy_match(model_dir, prompts, one, theirs, hf_model=hf)
+
+
+def test_stacked_and_per_expert_checkpoints_give_each_rank_the_same_shards(tmp_path, smol_dir):
+    """transformers' in-memory layout (mlp.experts.gate_up_proj [E, 2I, H], read as two slices per rank)
+    and the per-expert keys save_pretrained writes: each rank's w13 / w2 equal, and are its slices."""
+    from safetensors.torch import save_file
+
+    from batchgen.distributed.loading import iter_shards
+    from batchgen.models.moe import Qwen3MoeForCausalLM
+    from tests.tiny_models import hf_model, make_tiny
+
+    model_dir = make_tiny(tmp_path / "per-expert", smol_dir, "qwen3_moe")
+    hf = hf_model(model_dir)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    (tmp_path / "stacked").mkdir()
+    save_file(state, tmp_path / "stacked" / "model.safetensors", metadata={"format": "pt"})
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(hf.config)
+    inter, name = model.expert_inter, "model.layers.0.mlp"
+    full_w13, full_w2 = state[f"{name}.experts.gate_up_proj"], state[f"{name}.experts.down_proj"]
+    for rank in (0, 1):
+        plan = ShardPlan(rank, 2, 4, 2, 16, hf.config.intermediate_size, hf.config.vocab_size, inter)
+        got = [dict(model._stack_experts(iter_shards(d, plan))) for d in (model_dir, str(tmp_path / "stacked"))]
+        lo, hi = plan.part(inter)
+        want_w13 = torch.cat([full_w13[:, lo:hi], full_w13[:, inter + lo:inter + hi]], dim=1)  # [E, 2I/2, H]
+        for shards in got:
+            torch.testing.assert_close(shards[f"{name}.w13"], want_w13, rtol=0, atol=0)
+            torch.testing.assert_close(shards[f"{name}.w2"], full_w2[:, :, lo:hi], rtol=0, atol=0)
 
 
 def test_multi_lora_under_tp2_matches_peft(tiny, tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """Stream a rank's shard of every checkpoint tensor: no rank reads, let alone holds, the whole model.
 
 safetensors' `get_slice` reads only the requested rows/columns of a tensor from the file, so each
-rank's peak is its own shard plus one replicated tensor (a norm, a bias) at a time.
+rank's peak is its own shard plus one replicated tensor (a norm, a bias) at a time. A fused tensor
+(Phi-3's qkv_proj, stacked experts) is read as one slice per part, concatenated: [q_r | k_r | v_r].
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ def iter_shards(model_dir: str, plan: ShardPlan) -> Iterator[tuple[str, torch.Te
     for file in safetensors_files(model_dir):  # the same shards the one-rank loader reads
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                cut = plan.slice_of(name)
+                cut = plan.cut_of(name)
                 if cut is None:
                     yield name, f.get_tensor(name)
                     continue
-                dim, start, stop = cut
+                dim, ranges = cut
                 part = f.get_slice(name)
                 shape = part.get_shape()
-                if dim >= len(shape) or stop > shape[dim]:
-                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(shape)}: no slice "
-                                     f"[{start}:{stop}] along dim {dim} for tensor-parallel rank {plan.rank}")
-                yield name, (part[start:stop] if dim == 0 else part[:, start:stop])
+                pieces = []
+                for start, stop in ranges:  # one per fused part (one for an unfused tensor)
+                    if dim >= len(shape) or stop > shape[dim]:
+                        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(shape)}: no slice "
+                                         f"[{start}:{stop}] along dim {dim} for tensor-parallel rank {plan.rank}")
+                    pieces.append(part[(slice(None),) * dim + (slice(start, stop),)])
+                yield name, pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)

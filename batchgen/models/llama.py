@@ -214,9 +214,7 @@ class LlamaForCausalLM(nn.Module):
             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
         }
         attn = self.layers[0].self_attn
-        shard_sizes = {"qkv_proj": [attn.q_size, attn.kv_size, attn.kv_size],
-                       # this rank's slice under tensor parallelism (a MoE layer 0 has no `intermediate`)
-                       "gate_up_proj": [getattr(self.layers[0].mlp, "intermediate", self.config.intermediate_size)] * 2}
+        qkv_sizes = [attn.q_size, attn.kv_size, attn.kv_size]  # this rank's under tensor parallelism
         filled: dict[str, int] = {}
         for hf_name, tensor in weights:
             name = hf_name.removeprefix("model.")
@@ -237,7 +235,8 @@ class LlamaForCausalLM(nn.Module):
             if shard is None:
                 target = param.data
             else:
-                sizes = shard_sizes[fused_part]
+                # gate/up: halves of the parameter (a layer's own size: MoE models mix dense and sparse layers)
+                sizes = qkv_sizes if fused_part == "qkv_proj" else [param.shape[0] // 2] * 2
                 start = sum(sizes[:shard])
                 target = param.data.narrow(0, start, sizes[shard])
             if tuple(target.shape) != tuple(tensor.shape):
