@@ -15,8 +15,9 @@
   longer than the limit prefilled in several chunks uses the short factors in the chunks that end
   before the limit (HF's single prefill uses the long ones). The choice is tensor ops on the attention
   metadata (no host sync), so Phi-3 decodes under CUDA graphs like the other models.
-LoRA adapters for Phi-3 target its fused projections, which batchgen's LoRA does not apply (refused
-at load, naming the targets).
+LoRA: PEFT adapters for Phi-3 target its fused `qkv_proj` / `gate_up_proj` (and `o_proj`,
+`down_proj`); the adapter loader splits a fused B along its output into the per-target q/k/v and
+gate/up pairs (batchgen/lora/adapters.py), which the fused projections here apply as Llama's do.
 """
 
 from __future__ import annotations
