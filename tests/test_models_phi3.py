@@ -63,4 +63,3 @@ def test_phi3_longrope_per_sequence(tmp_path, smol_dir):
     # the factors matter: with the short factors everywhere the long rows come out differently
     hf.model.rotary_emb.long_inv_freq = hf.model.rotary_emb.original_inv_freq
     assert hf_greedy(model_dir, long, MAX_NEW, model=hf) != theirs[3:6]
-
