@@ -1,6 +1,6 @@
 """MoE models (Qwen3-MoE, Mixtral, Qwen2-MoE): greedy fp32 output equals HF `generate`, from the
 per-expert checkpoints save_pretrained writes and from stacked-expert ones; the CPU expert path
-(packed bf16) against the per-pick reference; LoRA refused on expert weights."""
+(the C++ kernel, packed bf16) against the per-pick reference; LoRA refused on expert weights."""
 
 from __future__ import annotations
 
@@ -91,27 +91,37 @@ def test_missing_expert_is_named(moe_dirs, tmp_path):
         LLM(str(broken), dtype="float32")
 
 
-def test_cpu_packed_bf16_experts_match_reference(moe_dirs):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_experts_match_reference(moe_dirs, dtype):
+    """SparseMoE's CPU paths against the per-pick reference: the C++ kernel (kernels/cpu_moe.py,
+    where it builds; it repacks on the first forward and drops the dense stacks), and in bf16 the
+    oneDNN-packed GEMMs where oneDNN packs bf16."""
     from batchgen.models.moe import SparseMoE, route
     from batchgen.models.packed_linear import can_pack
+    from kernels import cpu_moe
     from kernels.fused_moe import fused_moe_ref
 
     torch.manual_seed(0)
-    moe = SparseMoE(64, 32, 8, 2, renormalize=True).to(torch.bfloat16)
+    moe = SparseMoE(64, 32, 8, 2, renormalize=True).to(dtype)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.1)
-    w13, w2 = moe.w13.detach().clone(), moe.w2.detach().clone()
-    x = torch.randn(37, 64, dtype=torch.bfloat16)
+    state = {k: v.clone() for k, v in moe.state_dict().items()}
+    x = torch.randn(37, 64, dtype=dtype)
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         weights, ids = route(moe.gate(x), 2, True)
-        ref = fused_moe_ref(x, w13, w2, weights, ids)
+        ref = fused_moe_ref(x, state["w13"], state["w2"], weights, ids)
         plain = moe(x)
-        torch.testing.assert_close(plain.float(), ref.float(), atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(plain.float(), ref.float(), **tol)
+        if cpu_moe.load() is not None:
+            assert moe.panels is not None and moe.w13.numel() == 0  # the kernel ran; dense stacks dropped
         if can_pack(x.device, x.dtype):
-            moe.pack_for_cpu()
-            assert moe.w13.numel() == 0  # the dense stacks are dropped
-            torch.testing.assert_close(moe(x).float(), plain.float(), atol=2e-2, rtol=2e-2)
+            packed = SparseMoE(64, 32, 8, 2, renormalize=True).to(dtype)
+            packed.load_state_dict(state)
+            packed.pack_for_cpu()
+            assert packed.w13.numel() == 0  # the dense stacks are dropped
+            torch.testing.assert_close(packed(x).float(), ref.float(), **tol)
 
 
 def test_lora_attention_only_and_expert_targets_refused(moe_dirs, tmp_path):

@@ -3,6 +3,11 @@
 Everything that batchgen cannot apply exactly is refused here, at engine start, with a message
 naming the adapter: other PEFT methods, DoRA, LoRA biases, modules_to_save, embeddings / lm_head
 targets, ranks above max_lora_rank, shapes that do not fit the base model.
+
+Checkpoints that store a projection fused (Phi-3's `qkv_proj` and `gate_up_proj`) get adapters on
+the fused module: one A [r, in] and one B [out_1 + out_2 (+ out_3), r]. Since
+x A^T B^T = concat_k(x A^T B_k^T) over the row blocks B_k of B, such a pair is exactly the same A
+with each B_k on target k: it is stored as the per-target pairs (q/k/v, gate/up) every model uses.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ TARGETS = {
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     "down_proj": ("down_proj", 0),
 }
-TARGET_NAMES = tuple(TARGETS)
+# A fused checkpoint projection (Phi-3) -> the targets its output concatenates, in order
+FUSED_TARGETS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+TARGET_NAMES = tuple(TARGETS) + tuple(FUSED_TARGETS)
 
 # Config switches that change what the adapter computes; batchgen refuses them rather than ignore them.
 _UNSUPPORTED_FLAGS = {
@@ -103,12 +110,11 @@ def load_adapter(name: str, path: str, dims: ProjectionDims, max_rank: int) -> L
         raise fail("fan_in_fan_out=true (Conv1D-style weights) is not supported")
     declared = cfg.get("target_modules")
     if isinstance(declared, (list, tuple)):
-        bad = sorted(str(t) for t in declared if str(t).split(".")[-1] not in TARGETS)
+        bad = sorted(str(t) for t in declared if str(t).split(".")[-1] not in TARGET_NAMES)
         if bad:
             raise fail(f"targets {bad}, which batchgen cannot apply; supported: {', '.join(TARGET_NAMES)}")
-
-    if isinstance(declared, (list, tuple)):
-        _check_mixture_of_experts(sorted({str(t).split(".")[-1] for t in declared}), dims, fail)
+        names = {str(t).split(".")[-1] for t in declared}
+        _check_mixture_of_experts(sorted({p for t in names for p in FUSED_TARGETS.get(t, (t,))}), dims, fail)
 
     tensors = _read_tensors(path, fail)
     alpha = cfg.get("lora_alpha", 8)
@@ -126,11 +132,12 @@ def load_adapter(name: str, path: str, dims: ProjectionDims, max_rank: int) -> L
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
     for module, ab in sorted(pairs.items()):
         lm = _LAYER.search(module)
-        if lm is None or lm[2] not in TARGETS:
+        if lm is None or lm[2] not in TARGET_NAMES:
             raise fail(f"targets module {module!r}, which batchgen cannot apply; "
                        f"supported: {', '.join(TARGET_NAMES)} of the decoder layers")
         layer, target = int(lm[1]), lm[2]
-        _check_mixture_of_experts([target], dims, fail)
+        parts = FUSED_TARGETS.get(target, (target,))
+        _check_mixture_of_experts(list(parts), dims, fail)
         if layer >= dims.num_layers:
             raise fail(f"{module!r} is layer {layer}, but the base model has {dims.num_layers} layers")
         if set(ab) != {"A", "B"}:
@@ -139,10 +146,12 @@ def load_adapter(name: str, path: str, dims: ProjectionDims, max_rank: int) -> L
         if a.dim() != 2 or b.dim() != 2:
             raise fail(f"{module!r}: LoRA weights must be matrices, got A {tuple(a.shape)}, B {tuple(b.shape)}")
         r = a.shape[0]
-        in_f, out_f = dims.dims[target]
+        in_f, outs = dims.dims[parts[0]][0], [dims.dims[t][1] for t in parts]
+        out_f = sum(outs)
         if a.shape[1] != in_f or b.shape[0] != out_f or b.shape[1] != r:
+            split = f" (= {' + '.join(map(str, outs))}: {', '.join(parts)})" if len(parts) > 1 else ""
             raise fail(f"{module!r}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit the base model's "
-                       f"{target} ({in_f} -> {out_f}): expected A [r, {in_f}] and B [{out_f}, r]")
+                       f"{target} ({in_f} -> {out_f}{split}): expected A [r, {in_f}] and B [{out_f}, r]")
         if r > max_rank:
             raise fail(f"{module!r} has rank {r}, more than max_lora_rank={max_rank}")
         if r == 0:
@@ -150,7 +159,10 @@ def load_adapter(name: str, path: str, dims: ProjectionDims, max_rank: int) -> L
         short = module.removeprefix("base_model.model.")
         mod_alpha = alpha_pattern.get(_pattern_key(alpha_pattern, short), alpha)
         scale = mod_alpha / (math.sqrt(r) if rslora else r)
-        weights[(layer, target)] = (a, b, float(scale))
+        for part, b_part in zip(parts, b.split(outs)):  # a fused B: its row block per target
+            if (layer, part) in weights:
+                raise fail(f"{module!r}: layer {layer}'s {part} is targeted twice (fused and on its own)")
+            weights[(layer, part)] = (a, b_part, float(scale))
     if not weights:
         raise fail("contains no LoRA weights")
     return LoRAAdapter(name, path, max(a.shape[0] for a, _, _ in weights.values()),

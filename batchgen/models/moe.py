@@ -3,9 +3,11 @@
 The decoder is the Llama family's (models/llama.py: attention, RMSNorm, RoPE, dense MLP); only the
 MLP of the sparse layers changes to `SparseMoE`: a router (softmax in fp32, top-k, renormalized
 where the model does), the experts' weights stacked at load ([E, 2I, H] gate+up and [E, H, I] down),
-and the tokens' picks sorted by expert so each expert's rows run as one GEMM pair (CPU; oneDNN-packed
-in bf16) or one grouped Triton GEMM (CUDA, kernels/fused_moe.py). Qwen2-MoE adds a shared expert
-behind a sigmoid gate.
+and the tokens' picks sorted by expert. On CPU all experts run in one C++ call (kernels/cpu_moe.py:
+sort, both GEMMs, SiLU * up and the weighted sum; weights repacked into its panels on first use), or,
+where oneDNN packs bf16 (AVX512-BF16 / AMX), each expert's rows as one packed GEMM pair; without the
+C++ kernel, one torch GEMM pair per expert. On CUDA one grouped Triton GEMM (kernels/fused_moe.py).
+Qwen2-MoE adds a shared expert behind a sigmoid gate.
 
 Checkpoints come with per-expert keys (HF hub files and transformers' save_pretrained both write
 `mlp.experts.{j}.gate_proj/up_proj/down_proj`, Mixtral `block_sparse_moe.experts.{j}.w1/w3/w2`), or
@@ -29,6 +31,7 @@ from torch import nn
 from batchgen.models import fused
 from batchgen.models.llama import LlamaForCausalLM
 from batchgen.models.packed_linear import pack_weight, packed_linear
+from kernels import cpu_moe
 from kernels.fused_moe import fused_moe_torch
 
 
@@ -59,10 +62,14 @@ class SparseMoE(nn.Module):
             self.shared_down = nn.Linear(shared_inter, hidden, bias=False)
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
         self.packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # oneDNN copies per expert
+        self.panels: tuple[torch.Tensor, torch.Tensor] | None = None  # the C++ kernel's layout (cpu_moe)
         self.lora = None  # set by the LoRA attach; never used: LoRA does not reach the experts
 
     def pack_for_cpu(self) -> None:
         """Pack each expert's two weights for oneDNN and drop the dense stacks (bf16 CPU)."""
+        if self.panels is not None:
+            raise RuntimeError("SparseMoE.pack_for_cpu: the C++ kernel already repacked these experts (call it "
+                               "before the first forward, as the engine does)")
         self.packed = ([pack_weight(w) for w in self.w13.data], [pack_weight(w) for w in self.w2.data])
         self.w13 = nn.Parameter(torch.empty(0, dtype=self.w13.dtype), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(0, dtype=self.w2.dtype), requires_grad=False)
@@ -83,6 +90,12 @@ class SparseMoE(nn.Module):
             from kernels.fused_moe import fused_moe
 
             return fused_moe(x, self.w13, self.w2, weights, ids)
+        if self.packed is None and x.dtype in cpu_moe.SUPPORTED_DTYPES and cpu_moe.load() is not None:
+            if self.panels is None:  # first CPU forward: repack, and drop the dense stacks
+                self.panels = cpu_moe.pack_experts(self.w13.data, self.w2.data)
+                self.w13 = nn.Parameter(torch.empty(0, dtype=self.w13.dtype), requires_grad=False)
+                self.w2 = nn.Parameter(torch.empty(0, dtype=self.w2.dtype), requires_grad=False)
+            return cpu_moe.moe_experts(x, *self.panels, weights, ids)
         if self.packed is not None:
             w13, w2 = self.packed
             return fused_moe_torch(x, weights, ids, self.num_experts, lambda e, r: packed_linear(r, w13[e]),

@@ -13,9 +13,11 @@
   keys cached before a sequence crossed the limit keep their short-factor rotation (HF's Phi-3
   generate drops its cache at the crossing and recomputes it with the long factors), and a prompt
   longer than the limit prefilled in several chunks uses the short factors in the chunks that end
-  before the limit (HF's single prefill uses the long ones).
-LoRA adapters for Phi-3 target its fused projections, which batchgen's LoRA does not apply (refused
-at load, naming the targets).
+  before the limit (HF's single prefill uses the long ones). The choice is tensor ops on the attention
+  metadata (no host sync), so Phi-3 decodes under CUDA graphs like the other models.
+LoRA: PEFT adapters for Phi-3 target its fused `qkv_proj` / `gate_up_proj` (and `o_proj`,
+`down_proj`); the adapter loader splits a fused B along its output into the per-target q/k/v and
+gate/up pairs (batchgen/lora/adapters.py), which the fused projections here apply as Llama's do.
 """
 
 from __future__ import annotations
@@ -110,11 +112,16 @@ class Phi3ForCausalLM(LlamaForCausalLM):
             self._tables = (torch.cat(cos), torch.cat(sin))
         return self._tables
 
+    def rope_tables(self, max_len: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the CUDA-graph capture builds ahead (the tables must not grow inside a capture)."""
+        return self.phi3_rope(max_len, like)
+
     def _row_context(self, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """[tokens]: the context length (cached + this step) of each token's row."""
-        if meta.cu_seqlens_q is not None:  # the Triton backend's per-row fields
+        if meta.cu_seqlens_q is not None:  # the Triton backend's per-row fields: tensor ops only, no
+            # host sync (output_size is known), so a decode step stays capturable in a CUDA graph
             lens = (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).long()
-            return torch.repeat_interleave(meta.context_lens.long(), lens)
+            return torch.repeat_interleave(meta.context_lens.long(), lens, output_size=positions.numel())
         ctx = positions + 1  # one-token rows: their own position + 1
         for c in meta.chunks:
             ctx[c.q_start:c.q_start + c.q_len] = c.ctx_len
@@ -124,7 +131,7 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         x = self.embed_tokens(input_ids)  # [tokens, hidden]
         cos, sin = self.phi3_rope(meta.max_position + 1, x)
         index = positions
-        if self.long_limit:  # per row: the long table when its context passes the limit
+        if self.long_limit:  # per row, on the device: the long table when its context passes the limit
             index = positions + (self._row_context(positions, meta) > self.long_limit).long() * self._table_len
         rope = (cos.index_select(0, index), sin.index_select(0, index))  # [tokens, rot] each
         residual = None
