@@ -66,7 +66,11 @@ class SparseMoE(nn.Module):
         self.lora = None  # set by the LoRA attach; never used: LoRA does not reach the experts
 
     def pack_for_cpu(self) -> None:
-        """Pack each expert's two weights for oneDNN and drop the dense stacks (bf16 CPU)."""
+        """Pack each expert's two weights for oneDNN and drop the dense stacks (bf16 CPU). fp32 experts
+        (packable on non-Intel CPUs, packed_linear.can_pack) stay for the C++ kernel, which beat
+        oneDNN's per-expert GEMMs there; the shared expert's and router's nn.Linear are packed anyway."""
+        if self.w13.dtype != torch.bfloat16:
+            return
         if self.panels is not None:
             raise RuntimeError("SparseMoE.pack_for_cpu: the C++ kernel already repacked these experts (call it "
                                "before the first forward, as the engine does)")

@@ -1,12 +1,19 @@
-"""Linear layers with their weights pre-packed for oneDNN's bf16 CPU GEMM (AMX / AVX512-BF16).
+"""Linear layers with their weights pre-packed for oneDNN's CPU GEMM.
 
-`F.linear` on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on every call;
-at decode shapes ([rows, 576] x [576, 1536] on the embedded model) that reorder costs about as much
-as the GEMM itself. Packing once at load time (what inductor's CPU freezing does) gives bit-identical
-results 1.2-2.5x faster. The dense weight is dropped: a packed layer keeps only its shape.
+bf16 (AMX / AVX512-BF16): `F.linear` on a bf16 CPU tensor reorders the weight into oneDNN's blocked
+layout on every call; at decode shapes ([rows, 576] x [576, 1536] on the embedded model) that
+reorder costs about as much as the GEMM itself. Packing once at load time (what inductor's CPU
+freezing does) gives bit-identical results 1.2-2.5x faster.
+fp32 on non-Intel CPUs: `F.linear` calls MKL's sgemm, which is not tuned for them; oneDNN's packed
+AVX2 kernels ran the embedded model's decode GEMMs 1.4-2x faster on a Zen EPYC (docs/PERFORMANCE.md).
+The results differ from MKL's by fp32 round-off (another summation order). Intel CPUs keep MKL.
+The dense weight is dropped: a packed layer keeps only its shape.
 """
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,14 +22,30 @@ _BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows; any row 
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     ops = torch.ops.mkldnn
+    if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
+        return False
+    if dtype == torch.float32:
+        return not _cpu_is_intel()
+    if dtype != torch.bfloat16:
+        return False
     try:
-        return bool(ops._is_mkldnn_bf16_supported()) and hasattr(ops, "_reorder_linear_weight") \
-            and hasattr(ops, "_linear_pointwise")
+        return bool(ops._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+@functools.cache
+def _cpu_is_intel() -> bool:
+    """True on Intel CPUs (and where /proc/cpuinfo can't say: MKL is then the safe default)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    vendor = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("vendor_id")), "")
+    return vendor in ("GenuineIntel", "")
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
