@@ -14,32 +14,36 @@ Order: repetition, frequency/presence, bias and bans (as vLLM applies them).
 
 Sparse state: a row sees a few hundred distinct tokens out of a vocabulary of tens of thousands, so
 each row that uses a processor keeps, in a slot of device tables kept across steps (freed when the
-request finishes), the list of the tokens whose logit it changes: the tokens seen (the prompt's
-when repetition_penalty != 1, and the generated ones) and the logit_bias / one-token bad word ids,
-each once. Per entry, [slots, width]:
-  ids  int64: the token id
-  rep  fp32:  r where the repetition penalty applies to it (seen), else 1 (x / 1 and x * 1 are x)
-  cnt  fp32:  its occurrences among the generated tokens
-  bias fp32:  its logit_bias, -inf for a banned token, else 0
-The host keeps each row's {token: entry} so a step adds only the tokens gained since the last one
-(usually one per row: two index_puts for the batch, never a rescan of a history). A step then
-gathers the logits at the rows' entries ([rows, entries]), applies the formulas above and scatters
-the results back: O(rows x entries), not O(rows x vocab). The same values as the dense definition,
-bit for bit (the same fp32 operations on the same numbers; only a -0.0 logit with a 0 bias may come
-back +0.0). Entries past a row's length are pads: they take the row's entry 0 (same id, same value)
-so that the scatter's duplicate writes agree. allowed_token_ids is dense by nature: those rows (and
-only those) keep their allowed logits, fill the row with -inf and put them back. Multi-token bad words
-are matched on the host against the row's last generated tokens and set -inf where completed.
+request finishes), the list of the tokens whose logit it changes, each once: the tokens seen (the
+prompt's when repetition_penalty != 1, and the generated ones) and the logit_bias / one-token bad
+word ids. Per entry:
+  ids  [slots, width] int64: the token id
+  vals [slots, 3, width] fp32: REP, r where the repetition penalty applies (seen), else 1 (x / 1 and
+      x * 1 are x); PEN, the presence/frequency term p * (count > 0) + f * count, computed when the
+      count changes (in numpy fp32: the dense definition's fp32 operations, the same bits); BIAS, the
+      logit_bias, -inf for a banned token, else 0
+The host keeps each row's {token: entry} and counts, so a step writes only the entries its rows'
+new tokens change (usually one per row: one index_put per table, never a rescan of a history). A
+step then gathers the logits at the rows' entries ([rows, width]), computes where(x > 0, x / REP,
+x * REP) - PEN + BIAS and scatters the results back: O(rows x entries) instead of O(rows x vocab),
+with the dense definition's values bit for bit (only a -0.0 logit with a 0 bias may come back +0.0).
+Entries past a row's length are pads, copies of the row's entry 0 (same id, same values, kept so
+when entry 0 changes and when the tables widen), so that the scatter's duplicate writes agree.
+allowed_token_ids is dense by nature: those rows (and only those) keep their allowed logits, fill
+the row with -inf and put them back. Multi-token bad words are matched on the host against the row's
+last generated tokens and set -inf where completed.
 
-`sparse()` returns the entries and their processed values without touching the logits, for the
-sampler's greedy path (batchgen.exec.sampler), which then needs no fp32 copy of the logits.
-Tables grow by doubling (slots and width).
+`prepare()` does a step's bookkeeping; `write()` processes fp32 logits in place; `sparse()` returns
+the entries' processed values and leaves the logits alone, for the sampler's greedy path
+(batchgen.exec.sampler), which then needs no fp32 copy of the logits. Tables grow by doubling
+(slots and width).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from batchgen.sampling import SamplingParams
@@ -67,20 +71,12 @@ class _Row:
     frequency: float
     counts_outputs: bool  # any of the three penalties: the generated tokens become entries
     entries: dict[int, int] = field(default_factory=dict)  # token id -> entry index in the slot
-    seen: set[int] = field(default_factory=set)  # tokens whose entry has rep = r (repetition_penalty != 1)
+    counts: dict[int, int] = field(default_factory=dict)  # token id -> occurrences in the output
+    bias: dict[int, float] = field(default_factory=dict)  # logit_bias, -inf for one-token bad words
+    seen: set[int] = field(default_factory=set)  # prompt (repetition_penalty != 1) and output tokens
     counted: int = 0  # output tokens already in the tables
     multi_words: tuple[tuple[int, ...], ...] = ()  # bad words of 2+ tokens
-    has_bias: bool = False  # some entry has a logit_bias or a ban
     allowed: torch.Tensor | None = None  # [allowed] int64 on the device
-
-
-@dataclass
-class SparseStep:
-    """A step's processed entries: row_idx [k] (the logits rows; None: rows 0..k-1 in order),
-    ids [k, entries] int64, values [k, entries] fp32 (pads repeat the row's entry 0)."""
-    row_idx: torch.Tensor | None
-    ids: torch.Tensor
-    values: torch.Tensor
 
 
 @dataclass
@@ -97,50 +93,73 @@ class Prepared:
         return bool(self.banned) or any(s.allowed is not None for s in self.states)
 
 
+@dataclass
+class SparseStep:
+    """A step's processed entries: row_idx [k] (the logits rows; None: rows 0..k-1 in order),
+    ids [k, entries] int64, values [k, entries] fp32 (pads repeat the row's entry 0)."""
+    row_idx: torch.Tensor | None
+    ids: torch.Tensor
+    values: torch.Tensor
+
+
+REP, PEN, BIAS = range(3)  # the value planes of LogitsProcessors.vals
+
+
 class LogitsProcessors:
-    _TABLES = {"ids": (torch.int64, 0), "rep": (torch.float32, 1.0), "cnt": (torch.float32, 0.0),
-               "bias": (torch.float32, 0.0)}  # name -> (dtype, value of an unused entry)
+    min_width = 64  # the tables' first width (entries per slot); doubled as needed
 
     def __init__(self, device: torch.device):
         self.device = device
         self.rows: dict[str, _Row] = {}
         self.free: list[int] = []
-        self.slots = 0
-        self.width = 0
-        self.tables: dict[str, torch.Tensor] = {}  # _TABLES' names -> [slots, width]
-        self._lengths: dict[int, int] = {}  # slot -> entries in use
+        self.lengths: list[int] = []  # per slot: entries in use
+        self.ids = torch.zeros((0, 0), dtype=torch.int64, device=device)  # [slots, width]
+        # [slots, 3, width] fp32: REP (r where the repetition penalty applies, else 1), PEN (the
+        # presence/frequency term p * (count > 0) + f * count), BIAS (logit_bias, -inf for a ban, else 0)
+        self.vals = torch.zeros((0, 3, 0), device=device)
+
+    def _width(self, n: int) -> int:
+        """A width for n entries: min_width times a power of two."""
+        width = max(self.min_width, self.ids.shape[1])
+        while width < n:
+            width *= 2
+        return width
+
+    @property
+    def slots(self) -> int:
+        return self.ids.shape[0]
 
     def forget(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             row = self.rows.pop(rid, None)
             if row is not None:
                 self.free.append(row.slot)
-                self._lengths.pop(row.slot, None)
+                self.lengths[row.slot] = 0
 
     # ---- tables ------------------------------------------------------------------------------------
 
     def _grow(self, slots: int, width: int) -> None:
-        if slots <= self.slots and width <= self.width:
+        old_slots, old_width = self.ids.shape
+        if slots <= old_slots and width <= old_width:
             return
-        slots, width = max(slots, self.slots), max(width, self.width)
-        for name, (dtype, unused) in self._TABLES.items():
-            new = torch.full((slots, width), unused, dtype=dtype, device=self.device)
-            old = self.tables.get(name)
-            if old is not None:
-                new[:old.shape[0], :old.shape[1]] = old
-            self.tables[name] = new
-        self.slots, self.width = slots, width
+        slots, width = max(slots, old_slots), max(width, old_width)
+        ids = torch.zeros((slots, width), dtype=torch.int64, device=self.device)
+        vals = torch.zeros((slots, 3, width), device=self.device)
+        vals[:, REP] = 1.0
+        ids[:old_slots, :old_width] = self.ids
+        vals[:old_slots, :, :old_width] = self.vals
+        if old_width:  # new columns are pads: copies of entry 0
+            ids[:old_slots, old_width:] = self.ids[:, :1]
+            vals[:old_slots, :, old_width:] = self.vals[:, :, :1]
+        self.ids, self.vals = ids, vals
+        self.lengths += [0] * (slots - old_slots)
 
     def _slot(self) -> int:
         if not self.free:
             old = self.slots
-            self._grow(max(8, 2 * old), max(self.width, 64))
+            self._grow(max(8, 2 * old), max(self.ids.shape[1], self.min_width))
             self.free = list(range(self.slots - 1, old - 1, -1))
-        slot = self.free.pop()
-        for name, (_, unused) in self._TABLES.items():  # a reused slot starts clean
-            self.tables[name][slot].fill_(unused)
-        self._lengths[slot] = 0
-        return slot
+        return self.free.pop()
 
     def _register(self, r: ScheduledRequest) -> _Row:
         p = r.params
@@ -149,24 +168,24 @@ class LogitsProcessors:
         self.rows[r.request_id] = row
         words = getattr(p, "bad_words_token_ids", None) or []  # set by the engine, which has the tokenizer
         row.multi_words = tuple(tuple(w) for w in words if len(w) > 1)
-        bias = {int(t): float(b) for t, b in (p.logit_bias or {}).items()}
-        bias.update((w[0], float("-inf")) for w in words if len(w) == 1)
+        row.bias = {int(t): float(b) for t, b in (p.logit_bias or {}).items()}
+        row.bias.update((w[0], float("-inf")) for w in words if len(w) == 1)
         if p.allowed_token_ids is not None:
             row.allowed = torch.tensor(p.allowed_token_ids, dtype=torch.int64, device=self.device)
         prompt = r.all_token_ids[:len(r.all_token_ids) - r.num_output_tokens] if row.rep != 1.0 else []
-        tokens = list(dict.fromkeys([*prompt, *bias]))  # each once, in a fixed order
-        row.has_bias = bool(bias)
-        if tokens:
-            row.seen.update(prompt)
+        row.seen.update(prompt)
+        tokens = list(dict.fromkeys([*prompt, *row.bias]))  # each once, in a fixed order
+        n = len(tokens)
+        self.lengths[row.slot] = n
+        if n:
             row.entries = {t: j for j, t in enumerate(tokens)}
-            self._grow(self.slots, _pow2_at_least(len(tokens)))
-            n = len(tokens)
-            self.tables["ids"][row.slot, :n] = torch.tensor(tokens, dtype=torch.int64, device=self.device)
-            self.tables["rep"][row.slot, :n] = torch.tensor(
-                [row.rep if t in row.seen else 1.0 for t in tokens], device=self.device)
-            self.tables["bias"][row.slot, :n] = torch.tensor([bias.get(t, 0.0) for t in tokens],
-                                                             device=self.device)
-            self._lengths[row.slot] = n
+            self._grow(self.slots, self._width(n))
+            vals = torch.tensor([[row.rep if t in row.seen else 1.0 for t in tokens], [0.0] * n,
+                                 [row.bias.get(t, 0.0) for t in tokens]], device=self.device)  # [3, n]
+            self.ids[row.slot] = tokens[0]  # the pads: copies of entry 0
+            self.vals[row.slot] = vals[:, :1]
+            self.ids[row.slot, :n] = torch.tensor(tokens, dtype=torch.int64, device=self.device)
+            self.vals[row.slot, :, :n] = vals
         return row
 
     def _update(self, rows: list[ScheduledRequest], active: list[int]) -> tuple[list[_Row], list[tuple[int, int]]]:
@@ -174,25 +193,21 @@ class LogitsProcessors:
         active rows' state and the multi-token bad words completed by the output so far (row, token)."""
         states: list[_Row] = []
         banned: list[tuple[int, int]] = []
-        set_slot, set_pos, set_id, set_rep = [], [], [], []  # entries new or newly seen
-        inc_slot, inc_pos = [], []  # one more occurrence
+        changed: dict[tuple[int, int], tuple[int, _Row]] = {}  # (slot, entry) -> (token, row), each once
         for i in active:
             r = rows[i]
             row = self.rows.get(r.request_id) or self._register(r)
             states.append(row)
             n_out = r.num_output_tokens
             if row.counts_outputs and n_out > row.counted:  # the tokens gained (usually one)
-                n = self._lengths[row.slot]
                 for t in r.all_token_ids[len(r.all_token_ids) - n_out + row.counted:]:
                     j = row.entries.get(t)
                     if j is None:
-                        j = row.entries[t] = n
-                        n += 1
-                    if t not in row.seen:  # new, or a bias-only entry: now the repetition penalty applies
-                        row.seen.add(t)
-                        set_slot.append(row.slot), set_pos.append(j), set_id.append(t), set_rep.append(row.rep)
-                    inc_slot.append(row.slot), inc_pos.append(j)
-                self._lengths[row.slot] = n
+                        j = row.entries[t] = self.lengths[row.slot]
+                        self.lengths[row.slot] += 1
+                    row.counts[t] = row.counts.get(t, 0) + 1
+                    row.seen.add(t)
+                    changed[(row.slot, j)] = (t, row)
             row.counted = n_out
             if row.multi_words:
                 tail = r.all_token_ids[len(r.all_token_ids) - n_out:] if n_out else []
@@ -200,31 +215,46 @@ class LogitsProcessors:
                     m = len(word) - 1
                     if len(tail) >= m and tuple(tail[len(tail) - m:]) == word[:-1]:
                         banned.append((i, word[-1]))
-        if inc_slot:
-            self._grow(self.slots, _pow2_at_least(max(self._lengths[s.slot] for s in states)))
-            if set_slot:
-                where = (torch.tensor(set_slot, device=self.device), torch.tensor(set_pos, device=self.device))
-                self.tables["ids"].index_put_(where, torch.tensor(set_id, dtype=torch.int64, device=self.device))
-                self.tables["rep"].index_put_(where, torch.tensor(set_rep, device=self.device))
-            where = (torch.tensor(inc_slot, device=self.device), torch.tensor(inc_pos, device=self.device))
-            self.tables["cnt"].index_put_(where, torch.ones(len(inc_slot), device=self.device), accumulate=True)
+        if changed:
+            self._write(changed, states)
         return states, banned
+
+    def _write(self, changed: dict[tuple[int, int], tuple[int, _Row]], states: list[_Row]) -> None:
+        """Writes the changed entries (new, or one more occurrence) in one index_put per table."""
+        self._grow(self.slots, self._width(max(self.lengths[s.slot] for s in states)))
+        rows = [row for _, row in changed.values()]
+        tokens = [t for t, _ in changed.values()]
+        count = np.array([row.counts[t] for t, row in changed.values()], dtype=np.float32)
+        presence = np.array([row.presence for row in rows], dtype=np.float32)
+        frequency = np.array([row.frequency for row in rows], dtype=np.float32)
+        # The dense definition's fp32 operations, in numpy fp32 (IEEE: the same bits as torch's)
+        pen = (count > 0).astype(np.float32) * presence + count * frequency
+        vals = np.stack([np.array([row.rep for row in rows], dtype=np.float32), pen,
+                         np.array([row.bias.get(t, 0.0) for t, row in changed.values()], dtype=np.float32)], 1)
+        where = (torch.tensor([s for s, _ in changed], device=self.device),
+                 torch.tensor([j for _, j in changed], device=self.device))
+        self.ids.index_put_(where, torch.tensor(tokens, dtype=torch.int64, device=self.device))
+        self.vals.permute(0, 2, 1).index_put_(where, torch.from_numpy(vals).to(self.device))  # [changed, 3]
+        for slot in {s for s, j in changed if j == 0}:  # entry 0 changed: so do its pads
+            self.vals[slot, :, self.lengths[slot]:] = self.vals[slot, :, :1]
+            self.ids[slot, self.lengths[slot]:] = self.ids[slot, 0]
 
     # ---- a step --------------------------------------------------------------------------------------
 
     def _sparse(self, logits: torch.Tensor, rows: list[int], states: list[_Row]) -> SparseStep | None:
         """The processed values at the entries of `rows` (the logits rows whose state is `states`)."""
-        keep = [(i, s) for i, s in zip(rows, states) if self._lengths[s.slot]]
+        keep = [(i, s) for i, s in zip(rows, states) if self.lengths[s.slot]]
         if not keep:
             return None
-        lengths = [self._lengths[s.slot] for _, s in keep]
-        width = max(lengths)
+        width = max(self.lengths[s.slot] for _, s in keep)
         dev = self.device
-        slot_idx = torch.tensor([s.slot for _, s in keep], device=dev)
-        ids, rep, cnt, bias = (self.tables[n][:, :width].index_select(0, slot_idx) for n in ("ids", "rep", "cnt", "bias"))
-        pad = torch.arange(width, device=dev) >= torch.tensor(lengths, device=dev).unsqueeze(1)  # [k, width]
-        if min(lengths) < width:
-            ids = torch.where(pad, ids[:, :1], ids)  # pads repeat entry 0: their writes agree with it
+        slots = [s.slot for _, s in keep]
+        if slots == list(range(slots[0], slots[0] + len(slots))):  # in slot order: views, no copies
+            ids, vals = self.ids[slots[0]:slots[0] + len(slots), :width], self.vals[slots[0]:slots[0] + len(slots), :, :width]
+        else:
+            slot_idx = torch.tensor(slots, device=dev)
+            ids = self.ids[:, :width].index_select(0, slot_idx)  # [k, width]
+            vals = self.vals[:, :, :width].index_select(0, slot_idx)  # [k, 3, width]
         row_list = [i for i, _ in keep]
         row_idx = None if row_list == list(range(len(row_list))) else torch.tensor(row_list, device=dev)
         if row_idx is None:
@@ -232,15 +262,12 @@ class LogitsProcessors:
         else:
             g = logits[row_idx.unsqueeze(1), ids].float()
         if any(s.rep != 1.0 for _, s in keep):
+            rep = vals[:, REP]
             g = torch.where(g > 0, g / rep, g * rep)
         if any(s.presence != 0.0 or s.frequency != 0.0 for _, s in keep):
-            pres = torch.tensor([s.presence for _, s in keep], device=dev).unsqueeze(1)
-            freq = torch.tensor([s.frequency for _, s in keep], device=dev).unsqueeze(1)
-            g = g - (cnt > 0).float().mul_(pres).add_(cnt.mul_(freq))  # cnt is a gathered copy
-        if any(s.has_bias for _, s in keep):
-            g = g + bias
-        if min(lengths) < width:
-            g = torch.where(pad, g[:, :1], g)
+            g = g - vals[:, PEN]
+        if any(s.bias for _, s in keep):
+            g = g + vals[:, BIAS]
         return SparseStep(row_idx, ids, g)
 
     def prepare(self, rows: list[ScheduledRequest]) -> Prepared | None:
@@ -282,5 +309,3 @@ class LogitsProcessors:
         return logits if step is None else self.write(logits, step)
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(6, (n - 1).bit_length())

@@ -6,6 +6,9 @@ temperature -> top-k -> top-p -> min-p -> draw. A draw is argmax(p / E) with E ~
 row's own generator when it has a seed (the same text whatever else is in the batch) and from the
 engine's shared generator otherwise: argmax(p_i / E_i) picks token i with probability p_i.
 Logprobs are the model's raw log-softmax, before temperature and filters (as vLLM reports them).
+A batch of greedy rows whose processors are sparse (no allowed_token_ids, no multi-token ban due)
+takes the argmax in the logits' own dtype, weighed against the processed entries (Sampler._greedy):
+the token of the fp32 path without its [rows, vocab] fp32 copy.
 """
 
 from __future__ import annotations
