@@ -6,6 +6,9 @@ temperature -> top-k -> top-p -> min-p -> draw. A draw is argmax(p / E) with E ~
 row's own generator when it has a seed (the same text whatever else is in the batch) and from the
 engine's shared generator otherwise: argmax(p_i / E_i) picks token i with probability p_i.
 Logprobs are the model's raw log-softmax, before temperature and filters (as vLLM reports them).
+A batch of greedy rows whose processors are sparse (no allowed_token_ids, no multi-token ban due)
+takes the argmax in the logits' own dtype, weighed against the processed entries (Sampler._greedy):
+the token of the fp32 path without its [rows, vocab] fp32 copy.
 """
 
 from __future__ import annotations
@@ -47,17 +50,17 @@ class Sampler:
         logprobs per row."""
         if self.structured is not None:  # first: the grammar's mask comes before every other transform
             logits = self.structured.apply(logits, rows)
-        if all(r.params.greedy and r.params.logprobs is None and not self._suppress_stop(r)
-               and not r.params.uses_logits_processors and r.forced_token is None for r in rows):
-            # Pure greedy: argmax of the logits as they are. Upcasting is exact, so this is the token
-            # the fp32 path picks, without a [rows, vocab] fp32 copy.
-            return fused.argmax(logits).tolist(), [None] * len(rows)
+        step = self.processors.prepare(rows)  # counts the step's new tokens, whichever path follows
+        if all(r.params.greedy and r.params.logprobs is None and not self._suppress_stop(r) for r in rows) \
+                and (step is None or not step.dense):
+            return self._forced(self._greedy(logits, step).tolist(), rows), [None] * len(rows)
         logits = logits.float()
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [rows, vocab]
 
-        logits = self.processors.apply(logits, rows)  # penalties, logit_bias, allowed ids, bad words
+        if step is not None:  # penalties, logit_bias, allowed ids, bad words
+            logits = self.processors.write(logits, step)
         for i, r in enumerate(rows):
             if self._suppress_stop(r):
                 logits[i, list(r.stop_ids)] = float("-inf")
@@ -66,10 +69,7 @@ class Sampler:
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if random_rows:
             tokens[random_rows] = self._sample(logits[random_rows], [rows[i] for i in random_rows])
-        token_list = tokens.tolist()
-        for i, r in enumerate(rows):
-            if r.forced_token is not None:  # thinking_token_budget: the end marker, whatever was drawn
-                token_list[i] = r.forced_token
+        token_list = self._forced(tokens.tolist(), rows)
 
         logprobs: list[dict[int, float] | None] = [None] * len(rows)
         if raw_logprobs is not None:
@@ -83,6 +83,36 @@ class Sampler:
                 entry[token_list[i]] = raw_logprobs[i, token_list[i]].item()
                 logprobs[i] = entry
         return token_list, logprobs
+
+    def _greedy(self, logits: torch.Tensor, step) -> torch.Tensor:
+        """Greedy tokens [rows] for rows whose processors are sparse, in the logits' own dtype: the
+        processed fp32 logits differ from the upcast ones only at the entries, so the argmax of the
+        others (the entries set to -inf in place) is weighed against the best entry, a tie going to the
+        lower id as in torch.argmax: the token argmax of the fp32-processed logits gives, without a
+        [rows, vocab] fp32 copy (the upcast is exact)."""
+        sparse = None if step is None else self.processors.sparse(logits, step)
+        if sparse is None:
+            return fused.argmax(logits)
+        k = sparse.ids.shape[0]
+        row_idx = torch.arange(k, device=logits.device) if sparse.row_idx is None else sparse.row_idx
+        logits[row_idx.unsqueeze(1), sparse.ids] = float("-inf")  # [k, entries]
+        best = fused.argmax(logits)  # [rows]: the best token outside the entries
+        other = best[row_idx]  # [k]
+        other_value = logits[row_idx, other].float()
+        entry_value = sparse.values.amax(dim=1)  # [k]
+        at_max = sparse.values == entry_value.unsqueeze(1)
+        entry_id = torch.where(at_max, sparse.ids, logits.shape[1]).amin(dim=1)  # the lowest id at the max
+        take = (entry_value > other_value) | ((entry_value == other_value) & (entry_id < other))
+        best[row_idx] = torch.where(take, entry_id, other)
+        return best
+
+    @staticmethod
+    def _forced(tokens: list[int], rows: list[ScheduledRequest]) -> list[int]:
+        """thinking_token_budget spent: the end marker, whatever was drawn."""
+        for i, r in enumerate(rows):
+            if r.forced_token is not None:
+                tokens[i] = r.forced_token
+        return tokens
 
     @staticmethod
     def _suppress_stop(row: ScheduledRequest) -> bool:
