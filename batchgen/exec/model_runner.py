@@ -21,7 +21,6 @@ from batchgen.sched.output import ModelOutput, ScheduledRequest, SchedulerOutput
 from batchgen.speculative import Proposer
 from kernels.cpu_decode_attention import load as load_cpu_decode_kernel
 
-
 # A group must share this many KV blocks (64 tokens at block size 16) for cascade attention: below it
 # the shared pass saves less than its log-sum-exp merge with each row's own pass costs.
 CASCADE_MIN_BLOCKS = 4

@@ -73,7 +73,6 @@ class _Row:
     entries: dict[int, int] = field(default_factory=dict)  # token id -> entry index in the slot
     counts: dict[int, int] = field(default_factory=dict)  # token id -> occurrences in the output
     bias: dict[int, float] = field(default_factory=dict)  # logit_bias, -inf for one-token bad words
-    seen: set[int] = field(default_factory=set)  # prompt (repetition_penalty != 1) and output tokens
     counted: int = 0  # output tokens already in the tables
     multi_words: tuple[tuple[int, ...], ...] = ()  # bad words of 2+ tokens
     allowed: torch.Tensor | None = None  # [allowed] int64 on the device
@@ -173,14 +172,14 @@ class LogitsProcessors:
         if p.allowed_token_ids is not None:
             row.allowed = torch.tensor(p.allowed_token_ids, dtype=torch.int64, device=self.device)
         prompt = r.all_token_ids[:len(r.all_token_ids) - r.num_output_tokens] if row.rep != 1.0 else []
-        row.seen.update(prompt)
+        seen = set(prompt)  # generated tokens join as they come (_update)
         tokens = list(dict.fromkeys([*prompt, *row.bias]))  # each once, in a fixed order
         n = len(tokens)
         self.lengths[row.slot] = n
         if n:
             row.entries = {t: j for j, t in enumerate(tokens)}
             self._grow(self.slots, self._width(n))
-            vals = torch.tensor([[row.rep if t in row.seen else 1.0 for t in tokens], [0.0] * n,
+            vals = torch.tensor([[row.rep if t in seen else 1.0 for t in tokens], [0.0] * n,
                                  [row.bias.get(t, 0.0) for t in tokens]], device=self.device)  # [3, n]
             self.ids[row.slot] = tokens[0]  # the pads: copies of entry 0
             self.vals[row.slot] = vals[:, :1]
@@ -206,7 +205,6 @@ class LogitsProcessors:
                         j = row.entries[t] = self.lengths[row.slot]
                         self.lengths[row.slot] += 1
                     row.counts[t] = row.counts.get(t, 0) + 1
-                    row.seen.add(t)
                     changed[(row.slot, j)] = (t, row)
             row.counted = n_out
             if row.multi_words:

@@ -8,6 +8,7 @@ load is a plain safetensors read.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -150,12 +151,25 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def cpu_has_fast_bf16() -> bool:
+@functools.cache
+def cpuinfo() -> str:
+    """/proc/cpuinfo's text, read once ("" where there is none)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_fast_bf16() -> bool:
+    flags = cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_is_intel() -> bool:
+    """True on Intel CPUs, and where /proc/cpuinfo can't say (MKL is then the safe default)."""
+    vendor = next((line.split(":", 1)[1].strip() for line in cpuinfo().splitlines()
+                   if line.startswith("vendor_id")), "")
+    return vendor in ("GenuineIntel", "")
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -12,9 +12,6 @@ The dense weight is dropped: a packed layer keeps only its shape.
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -28,24 +25,15 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
         return False
     if dtype == torch.float32:
-        return not _cpu_is_intel()
+        from batchgen.models.loader import cpu_is_intel
+
+        return not cpu_is_intel()
     if dtype != torch.bfloat16:
         return False
     try:
         return bool(ops._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-@functools.cache
-def _cpu_is_intel() -> bool:
-    """True on Intel CPUs (and where /proc/cpuinfo can't say: MKL is then the safe default)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    vendor = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("vendor_id")), "")
-    return vendor in ("GenuineIntel", "")
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
