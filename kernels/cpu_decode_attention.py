@@ -19,7 +19,11 @@ from that state (the log-sum-exp merge of the two passes). A row in no group run
 How: tokens go in tiles of 16 within a block; a tile's K and V are widened to fp32 once per
 (job, KV head) and serve every query head of that KV head (and, in the shared pass, of every row
 of the group). A query's 16 scores are 16 dot products whose horizontal sums are done together
-as one transpose-and-add tree (AVX-512), then an online softmax update. `decode_attention_ref`
+as one transpose-and-add tree (AVX-512), then an online softmax update. With bf16 caches on CPUs
+with AVX512-BF16 (head_dim 64 or 128) the pass instead takes its scores from the bf16 K rows with
+bf16 dot products (exact products, fp32 sums), runs the softmax once per 256 tokens, and keeps up to
+four heads' accumulators in registers while V streams by; the next tile's K and V are prefetched,
+as the blocks are scattered over the pool. `decode_attention_ref`
 and `cascade_decode_attention_ref` (kernels/cascade_attention.py) are the torch references.
 """
 
@@ -33,6 +37,7 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -40,6 +45,23 @@ _SOURCE = r"""
 
 constexpr int64_t TILE = 16;        // tokens per tile
 constexpr float NEG_BIG = -1e30f;   // "no key seen yet" (fast-math: no infinities)
+constexpr int64_t SOFTMAX_CHUNK = 256;  // tokens per softmax step of the bf16 pass (below)
+
+#ifdef __AVX512F__
+// 16 horizontal sums at once (s[j] = sum of a[j]'s lanes): pairs interleaved, then 128-bit lanes folded.
+static inline __m512 hsum16(const __m512* a) {
+  __m512 t[8], u[4];
+  for (int p = 0; p < 8; ++p)
+    t[p] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * p], a[2 * p + 1]), _mm512_unpackhi_ps(a[2 * p], a[2 * p + 1]));
+  for (int p = 0; p < 4; ++p) {
+    const __m512d x = _mm512_castps_pd(t[2 * p]), y = _mm512_castps_pd(t[2 * p + 1]);
+    u[p] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 s0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 s1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s0, s1, 0x88), _mm512_shuffle_f32x4(s0, s1, 0xDD));
+}
+#endif
 
 // s[j] = q . k[j] for the TILE rows of k ([TILE, d] fp32; rows past the tile's tokens are zeros).
 template <int D>
@@ -54,17 +76,7 @@ static inline void scores_tile(const float* q, const float* k, int64_t d, float*
       for (int c = 1; c < D / 16; ++c) x = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + j * D + 16 * c), x);
       a[j] = x;
     }
-    // 16 horizontal sums at once: pairs interleaved (ps, then pd), then 128-bit lanes folded.
-    __m512 t[8], u[4];
-    for (int p = 0; p < 8; ++p)
-      t[p] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * p], a[2 * p + 1]), _mm512_unpackhi_ps(a[2 * p], a[2 * p + 1]));
-    for (int p = 0; p < 4; ++p) {
-      const __m512d x = _mm512_castps_pd(t[2 * p]), y = _mm512_castps_pd(t[2 * p + 1]);
-      u[p] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-    }
-    const __m512 s0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
-    const __m512 s1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
-    _mm512_storeu_ps(s, _mm512_add_ps(_mm512_shuffle_f32x4(s0, s1, 0x88), _mm512_shuffle_f32x4(s0, s1, 0xDD)));
+    _mm512_storeu_ps(s, hsum16(a));
     return;
   }
 #endif
@@ -143,6 +155,24 @@ struct Cache {
   int64_t max_blocks, block_size, kv_heads, d;
 };
 
+// Blocks are scattered over the pool, so the hardware prefetcher cannot follow a row's context
+// from one block to the next and the pass waits on DRAM latency. Asks for token t's K and V rows
+// of KV head kv, a few tiles ahead of the one being computed.
+constexpr int64_t PREFETCH_AHEAD = 2 * TILE;
+template <typename T>
+static inline void prefetch_tokens(const T* kp, const T* vp, const Cache& c, const int64_t* table, int64_t kv,
+                                   int64_t t, int64_t t1) {
+  if (t >= t1) return;
+  const int64_t token_stride = c.kv_heads * c.d, n = std::min({TILE, t1 - t, c.block_size - t % c.block_size});
+  const int64_t base = (table[t / c.block_size] * c.block_size + t % c.block_size) * token_stride + kv * c.d;
+  const int64_t row_bytes = c.d * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(kp + base + j * token_stride) + b);
+      __builtin_prefetch(reinterpret_cast<const char*>(vp + base + j * token_stride) + b);
+    }
+}
+
 // Queries qf [nq, d] (scaled, fp32) of one KV head, each with its state (m, l, acc), attend tokens
 // t0..t1-1 of block table `table` (K/V tiles loaded once for all nq queries).
 template <typename T, int D>
@@ -154,6 +184,7 @@ static void attend_range(const Cache& c, const int64_t* table, int64_t kv, int64
   for (int64_t t = t0; t < t1;) {
     const int64_t off = t % bs, n = std::min({TILE, t1 - t, bs - off});
     const int64_t base = table[t / bs] * bs * token_stride + kv * d;
+    prefetch_tokens(kp, vp, c, table, kv, t + PREFETCH_AHEAD, t1);
     load_tile(kp + base, off, n, token_stride, d, kf);
     load_tile(vp + base, off, n, token_stride, d, vf);
     for (int64_t i = 0; i < nq; ++i) {
@@ -163,6 +194,96 @@ static void attend_range(const Cache& c, const int64_t* table, int64_t kv, int64
     t += n;
   }
 }
+
+#if defined(__AVX512BF16__)
+// The bf16 decode pass (AVX512-BF16): scores straight from the bf16 K rows with bf16 dot products
+// (exact products, fp32 sums; no widening copy of K), softmax per chunk of up to SOFTMAX_CHUNK
+// tokens rather than per tile (one max, one rescale of the accumulators per chunk), then P @ V in
+// fp32 with the accumulators of up to HEADS_PER_PASS heads held in registers while V streams by.
+
+static inline __m512 widen_bf16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (exact)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// The group's queries q [group, D] (bf16, unscaled) of KV head kv attend tokens t0..t1-1 of
+// `table`, continuing the states m, l [group], acc [group, D]. sc: scratch [group, SOFTMAX_CHUNK].
+template <int D>
+static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, int64_t t0, int64_t t1,
+                              const uint16_t* q, int64_t group, float scale, float* m, float* l, float* acc,
+                              float* sc) {
+  constexpr int KV = D / 32;  // bf16 vectors per K row
+  constexpr int DV = D / 16;  // fp32 vectors per V row / accumulator
+  constexpr int HEADS_PER_PASS = 16 / DV;
+  const int64_t bs = c.block_size, token_stride = c.kv_heads * D;
+  const uint16_t* kp = static_cast<const uint16_t*>(c.k);
+  const uint16_t* vp = static_cast<const uint16_t*>(c.v);
+  auto row_of = [&](const uint16_t* base, int64_t t) { return base + (table[t / bs] * bs + t % bs) * token_stride + kv * D; };
+  for (int64_t c0 = t0; c0 < t1; c0 += SOFTMAX_CHUNK) {
+    const int64_t n = std::min(SOFTMAX_CHUNK, t1 - c0);
+    // Scores: tiles of 16 tokens (each token's row found through its block), 16 sums per tree.
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t nt = std::min<int64_t>(16, n - j0);
+      const uint16_t* krow[16];
+      for (int64_t j = 0; j < nt; ++j) {
+        krow[j] = row_of(kp, c0 + j0 + j);
+        for (int b = 0; b < D * 2; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(row_of(vp, c0 + j0 + j)) + b);
+      }
+      for (int64_t t = c0 + j0 + 16; t < std::min(c0 + j0 + 32, t1); ++t)  // the next tile's K, while this one computes
+        for (int b = 0; b < D * 2; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(row_of(kp, t)) + b);
+      for (int64_t h = 0; h < group; ++h) {
+        __m512bh qv[KV];
+        for (int x = 0; x < KV; ++x) qv[x] = (__m512bh)_mm512_loadu_si512(q + h * D + 32 * x);
+        __m512 a[16];
+        for (int64_t j = 0; j < 16; ++j) {
+          if (j >= nt) { a[j] = _mm512_setzero_ps(); continue; }
+          __m512 x0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(krow[j]));
+          for (int x = 1; x < KV; ++x) x0 = _mm512_dpbf16_ps(x0, qv[x], (__m512bh)_mm512_loadu_si512(krow[j] + 32 * x));
+          a[j] = x0;
+        }
+        const __mmask16 valid = static_cast<__mmask16>((1u << nt) - 1u);
+        _mm512_mask_storeu_ps(sc + h * SOFTMAX_CHUNK + j0, valid, _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale)));
+      }
+    }
+    // Softmax over the chunk, merged with the running state: p overwrites the scores.
+    for (int64_t h = 0; h < group; ++h) {
+      float* s = sc + h * SOFTMAX_CHUNK;
+      __m512 mx = _mm512_set1_ps(NEG_BIG);
+      for (int64_t j = 0; j < n; j += 16)
+        mx = _mm512_mask_max_ps(mx, static_cast<__mmask16>(n - j >= 16 ? 0xFFFFu : (1u << (n - j)) - 1u), mx, _mm512_loadu_ps(s + j));
+      const float m_new = std::max(m[h], _mm512_reduce_max_ps(mx));
+      const float alpha = m_new > m[h] ? std::exp(m[h] - m_new) : 1.f;
+      m[h] = m_new;
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 valid = static_cast<__mmask16>(n - j >= 16 ? 0xFFFFu : (1u << (n - j)) - 1u);
+        const __m512 pv = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, s + j), _mm512_set1_ps(m_new))));
+        _mm512_mask_storeu_ps(s + j, valid, pv);
+        sum = _mm512_add_ps(sum, pv);
+      }
+      l[h] = l[h] * alpha + _mm512_reduce_add_ps(sum);
+      for (int64_t i = 0; i < D; ++i) acc[h * D + i] *= alpha;
+    }
+    // P @ V: up to HEADS_PER_PASS heads' accumulators in registers; each V row widened once per pass.
+    for (int64_t h0 = 0; h0 < group; h0 += HEADS_PER_PASS) {
+      const int64_t nh = std::min<int64_t>(HEADS_PER_PASS, group - h0);
+      __m512 a[16];
+      for (int64_t h = 0; h < nh; ++h)
+        for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_loadu_ps(acc + (h0 + h) * D + 16 * x);
+      for (int64_t j = 0; j < n; ++j) {
+        const uint16_t* vrow = row_of(vp, c0 + j);
+        __m512 v[DV];
+        for (int x = 0; x < DV; ++x) v[x] = widen_bf16(vrow + 16 * x);
+        for (int64_t h = 0; h < nh; ++h) {
+          const __m512 pj = _mm512_set1_ps(sc[(h0 + h) * SOFTMAX_CHUNK + j]);
+          for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_fmadd_ps(pj, v[x], a[h * DV + x]);
+        }
+      }
+      for (int64_t h = 0; h < nh; ++h)
+        for (int x = 0; x < DV; ++x) _mm512_storeu_ps(acc + (h0 + h) * D + 16 * x, a[h * DV + x]);
+    }
+  }
+}
+#endif
 
 // Every row: its KV heads' queries over tokens [start, ctx) (start = starts[r] or the window's
 // first), from the state in init [rows, heads, d + 2] (m, l, acc) where starts[r] > 0.
@@ -174,6 +295,7 @@ static void decode_rows(const torch::Tensor& q, const Cache& c, const int64_t* l
   T* op = out.data_ptr<T>();
   at::parallel_for(0, rows * c.kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * d), acc(group * d), m(group), l(group), kf(TILE * d), vf(TILE * d), s(TILE);
+    std::vector<float> sc(group * SOFTMAX_CHUNK);  // the bf16 pass's scores of one softmax chunk
     for (int64_t job = begin; job < end; ++job) {
       const int64_t r = job / c.kv_heads, kv = job % c.kv_heads, h0 = kv * group, ctx = lens[r];
       load_row(qp + (r * heads + h0) * d, qf.data(), group * d);
@@ -192,6 +314,13 @@ static void decode_rows(const torch::Tensor& q, const Cache& c, const int64_t* l
         std::fill(acc.begin(), acc.end(), 0.f);
       }
       if (window > 0) t0 = std::max(t0, ctx - window);
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, at::BFloat16> && (D == 64 || D == 128)) {
+        attend_range_bf16<D>(c, c.tables + r * c.max_blocks, kv, t0, ctx,
+                             reinterpret_cast<const uint16_t*>(qp + (r * heads + h0) * d), group,
+                             static_cast<float>(scale), m.data(), l.data(), acc.data(), sc.data());
+      } else
+#endif
       attend_range<T, D>(c, c.tables + r * c.max_blocks, kv, t0, ctx, qf.data(), group, m.data(), l.data(),
                          acc.data(), kf.data(), vf.data(), s.data());
       for (int64_t g = 0; g < group; ++g) {
@@ -219,6 +348,8 @@ static void shared_pass(const torch::Tensor& q, const Cache& c, double scale, co
   at::parallel_for(0, num_jobs * c.kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(CHUNK * group * d), acc(CHUNK * group * d), m(CHUNK * group), l(CHUNK * group);
     std::vector<float> kf(TILE * d), vf(TILE * d), s(TILE);
+    std::vector<T> qb(CHUNK * group * d);     // the bf16 pass's queries, unscaled
+    std::vector<float> sc(CHUNK * group * SOFTMAX_CHUNK);  // and its scores of one softmax chunk
     for (int64_t job = begin; job < end; ++job) {
       const int64_t g = jobs[2 * (job / c.kv_heads)], first = jobs[2 * (job / c.kv_heads) + 1];
       const int64_t kv = job % c.kv_heads, h0 = kv * group;
@@ -230,6 +361,16 @@ static void shared_pass(const torch::Tensor& q, const Cache& c, double scale, co
       std::fill(l.begin(), l.begin() + nq, 0.f);
       std::fill(acc.begin(), acc.begin() + nq * d, 0.f);
       const int64_t* table = c.tables + group_rows[group_starts[g]] * c.max_blocks;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, at::BFloat16> && (D == 64 || D == 128)) {
+        for (int64_t i = 0; i < n_rows; ++i)
+          std::copy(qp + (group_rows[first + i] * heads + h0) * d, qp + (group_rows[first + i] * heads + h0 + group) * d,
+                    qb.data() + i * group * d);
+        attend_range_bf16<D>(c, table, kv, 0, group_blocks[g] * c.block_size,
+                             reinterpret_cast<const uint16_t*>(qb.data()), nq, static_cast<float>(scale), m.data(),
+                             l.data(), acc.data(), sc.data());
+      } else
+#endif
       attend_range<T, D>(c, table, kv, 0, group_blocks[g] * c.block_size, qf.data(), nq, m.data(), l.data(),
                          acc.data(), kf.data(), vf.data(), s.data());
       for (int64_t i = 0; i < n_rows; ++i)
@@ -307,7 +448,7 @@ torch::Tensor cascade_decode_attention(torch::Tensor q, torch::Tensor k_cache, t
 }
 """
 
-load = lazy_build("batchgen_cpu_decode_attention_v3", _SOURCE, ["decode_attention", "cascade_decode_attention"])
+load = lazy_build("batchgen_cpu_decode_attention_v4", _SOURCE, ["decode_attention", "cascade_decode_attention"])
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, window: int = 0) -> torch.Tensor:

@@ -25,3 +25,21 @@ def test_matches_reference(dtype, tol, heads, kv_heads, block_size, d):
     out = decode_attention(q, k_cache, v_cache, tables, ctx, 0.17)
     ref = decode_attention_ref(q, k_cache, v_cache, tables, ctx, 0.17)
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (16, 2), (7, 7)])  # 3 and 8 heads per KV head: 1 and 2 register passes
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("window", [0, 300])
+def test_long_contexts_match_reference(heads, kv_heads, d, window):
+    """Contexts across several softmax chunks (the bf16 pass merges one chunk of 256 tokens at a
+    time), blocks of 8 tokens, a sliding window reaching into the middle of a chunk."""
+    gen = torch.Generator().manual_seed(heads + d + window)
+    rows, block_size, num_blocks = 4, 8, 400
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(torch.bfloat16)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(torch.bfloat16)
+    ctx = torch.tensor([255, 257, 700, 97 * block_size])
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:97] for _ in range(rows)])
+    q = (3 * torch.randn(rows, heads, d, generator=gen)).to(torch.bfloat16)  # peaked softmax: rescales matter
+    out = decode_attention(q, k_cache, v_cache, tables, ctx, d ** -0.5, window)
+    ref = decode_attention_ref(q, k_cache, v_cache, tables, ctx, d ** -0.5, window)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
