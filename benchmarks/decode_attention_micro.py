@@ -1,0 +1,95 @@
+"""Micro-benchmark of the C++ CPU decode-attention kernel: the current one against an older
+commit's, in one process, alternating, on a decode step's shapes (the embedded model's 9 query /
+3 KV heads, head_dim 64, blocks of 16, bf16).
+
+Two layouts: `plain` (every row its own context, as W1's decode) and `shared` (the rows over 4
+shared prefixes of 24 blocks plus 50 tokens each, as W3's, through the shared-prefix kernel).
+`cold` rotates over 30 disjoint sets of blocks, one per layer, so K/V come from DRAM as in an engine
+step; `warm` repeats one set, which then sits in the cache.
+
+    python -m benchmarks.decode_attention_micro [REV]   (REV: the older commit, 799853c by default)
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from kernels import cpu_decode_attention
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
+LAYERS = 30
+
+
+def old_kernel(rev: str):
+    """The older commit's compiled kernel module (built under its own extension name)."""
+    code = subprocess.run(["git", "show", f"{rev}:kernels/cpu_decode_attention.py"], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).parent).stdout
+    code = code.replace('lazy_build("batchgen_cpu_decode_attention_', 'lazy_build("batchgen_old_decode_attention_')
+    module = types.ModuleType("old_cpu_decode_attention")
+    exec(compile(code, "old_cpu_decode_attention.py", "exec"), module.__dict__)
+    return module.load()
+
+
+def layouts(rows: int, ctx: int, gen: torch.Generator):
+    """{name: (tables per layer, ctx_lens, groups or None)} over one K/V pool."""
+    blocks_per_row = -(-ctx // BLOCK)
+    plain_sets = torch.randperm(LAYERS * rows * blocks_per_row, generator=gen).view(LAYERS, rows, blocks_per_row)
+    prefix_blocks, suffix = 24, 50
+    suffix_blocks = -(-suffix // BLOCK)
+    per_layer = 4 * prefix_blocks + rows * suffix_blocks
+    ids = torch.randperm(LAYERS * per_layer, generator=gen).view(LAYERS, per_layer)
+    shared_sets = []
+    for layer in range(LAYERS):
+        prefixes = ids[layer, :4 * prefix_blocks].view(4, prefix_blocks)
+        own = ids[layer, 4 * prefix_blocks:].view(rows, suffix_blocks)
+        shared_sets.append(torch.cat([prefixes[torch.arange(rows) % 4], own], 1))
+    order = torch.argsort(torch.arange(rows) % 4, stable=True)
+    groups = (order, torch.arange(0, rows + 1, rows // 4), torch.full((4,), prefix_blocks))
+    pool = max(LAYERS * rows * blocks_per_row, LAYERS * per_layer)
+    return pool, {"plain": (list(plain_sets), torch.full((rows,), ctx), None),
+                  "shared": (shared_sets, torch.full((rows,), prefix_blocks * BLOCK + suffix), groups)}
+
+
+def call(module, q, k, v, tables, lens, groups):
+    if groups is None:
+        return module.decode_attention(q, k, v, tables, lens, HEAD_DIM ** -0.5, 0)
+    return module.cascade_decode_attention(q, k, v, tables, lens, HEAD_DIM ** -0.5, *groups)
+
+
+def main(rev: str = "799853c", rows: int = 64, ctx: int = 195, repeats: int = 5):
+    gen = torch.Generator().manual_seed(0)
+    pool, cases = layouts(rows, ctx, gen)
+    k = torch.randn(pool, BLOCK, KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    v = torch.randn(pool, BLOCK, KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    q = torch.randn(rows, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    kernels = {"old": old_kernel(rev), "new": cpu_decode_attention.load()}
+    print(f"{rows} rows, bf16, {torch.get_num_threads()} threads; us per layer call, median of {repeats} "
+          f"sweeps over {LAYERS} layers (old = {rev})")
+    print("| layout | K/V | old us | new us | old / new | new GB/s of K/V read |")
+    print("|---|---|---|---|---|---|")
+    for name, (sets, lens, groups) in cases.items():
+        ref = call(kernels["old"], q, k, v, sets[0], lens, groups).float()
+        assert (call(kernels["new"], q, k, v, sets[0], lens, groups).float() - ref).abs().max() < 2e-2
+        for temp, used in (("cold", sets), ("warm", sets[:1] * LAYERS)):
+            times = {"old": [], "new": []}
+            for _ in range(repeats + 1):  # the first sweep warms up
+                for who, module in kernels.items():
+                    t = time.perf_counter()
+                    for tables in used:
+                        call(module, q, k, v, tables, lens, groups)
+                    times[who].append((time.perf_counter() - t) / LAYERS)
+            old, new = (1e6 * statistics.median(times[w][1:]) for w in ("old", "new"))
+            unique_tokens = (4 * 24 * BLOCK + rows * 50) if groups is not None else rows * ctx
+            gbs = unique_tokens * KV_HEADS * HEAD_DIM * 2 * 2 / (new * 1e-6) / 1e9
+            print(f"| {name} | {temp} | {old:.0f} | {new:.0f} | {old / new:.2f}x | {gbs:.1f} |")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:2])
