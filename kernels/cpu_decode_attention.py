@@ -22,8 +22,8 @@ of the group). A query's 16 scores are 16 dot products whose horizontal sums are
 as one transpose-and-add tree (AVX-512), then an online softmax update. With bf16 caches on CPUs
 with AVX512-BF16 (head_dim 64 or 128) the pass instead takes its scores from the bf16 K rows with
 bf16 dot products (exact products, fp32 sums), runs the softmax once per 256 tokens, and keeps up to
-four heads' accumulators in registers while V streams by; the next tile's K and V are prefetched,
-as the blocks are scattered over the pool. `decode_attention_ref`
+four heads' accumulators in registers while V streams by. Both passes prefetch the K and V rows
+they read next, as a row's blocks are scattered over the pool. `decode_attention_ref`
 and `cascade_decode_attention_ref` (kernels/cascade_attention.py) are the torch references.
 """
 
@@ -155,22 +155,23 @@ struct Cache {
   int64_t max_blocks, block_size, kv_heads, d;
 };
 
+// Offset (in elements) of token t's row of KV head kv in the K or V cache, through its block.
+static inline int64_t token_offset(const Cache& c, const int64_t* table, int64_t kv, int64_t t) {
+  return (table[t / c.block_size] * c.block_size + t % c.block_size) * c.kv_heads * c.d + kv * c.d;
+}
+
 // Blocks are scattered over the pool, so the hardware prefetcher cannot follow a row's context
-// from one block to the next and the pass waits on DRAM latency. Asks for token t's K and V rows
-// of KV head kv, a few tiles ahead of the one being computed.
-constexpr int64_t PREFETCH_AHEAD = 2 * TILE;
+// from one block to the next and a pass waits on DRAM latency: the passes ask ahead for the rows
+// (of KV head kv, tokens t..t1-1) of `cache` (K or V) they will read next.
+// Forced inline, so that the bf16 pass's compile-time row_bytes unrolls the inner loop: as an
+// out-of-line call with a runtime size it made that pass 1.5x slower from DRAM.
 template <typename T>
-static inline void prefetch_tokens(const T* kp, const T* vp, const Cache& c, const int64_t* table, int64_t kv,
-                                   int64_t t, int64_t t1) {
-  if (t >= t1) return;
-  const int64_t token_stride = c.kv_heads * c.d, n = std::min({TILE, t1 - t, c.block_size - t % c.block_size});
-  const int64_t base = (table[t / c.block_size] * c.block_size + t % c.block_size) * token_stride + kv * c.d;
-  const int64_t row_bytes = c.d * static_cast<int64_t>(sizeof(T));
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t b = 0; b < row_bytes; b += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(kp + base + j * token_stride) + b);
-      __builtin_prefetch(reinterpret_cast<const char*>(vp + base + j * token_stride) + b);
-    }
+__attribute__((always_inline)) static inline void prefetch_rows(const T* cache, const Cache& c, const int64_t* table,
+                                                                int64_t kv, int64_t t, int64_t t1, int64_t row_bytes) {
+  for (; t < t1; ++t) {
+    const char* row = reinterpret_cast<const char*>(cache + token_offset(c, table, kv, t));
+    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b);
+  }
 }
 
 // Queries qf [nq, d] (scaled, fp32) of one KV head, each with its state (m, l, acc), attend tokens
@@ -184,7 +185,9 @@ static void attend_range(const Cache& c, const int64_t* table, int64_t kv, int64
   for (int64_t t = t0; t < t1;) {
     const int64_t off = t % bs, n = std::min({TILE, t1 - t, bs - off});
     const int64_t base = table[t / bs] * bs * token_stride + kv * d;
-    prefetch_tokens(kp, vp, c, table, kv, t + PREFETCH_AHEAD, t1);
+    const int64_t next_end = std::min(t + n + TILE, t1);  // the next tile's K and V
+    prefetch_rows(kp, c, table, kv, t + n, next_end, d * static_cast<int64_t>(sizeof(T)));
+    prefetch_rows(vp, c, table, kv, t + n, next_end, d * static_cast<int64_t>(sizeof(T)));
     load_tile(kp + base, off, n, token_stride, d, kf);
     load_tile(vp + base, off, n, token_stride, d, vf);
     for (int64_t i = 0; i < nq; ++i) {
@@ -214,22 +217,18 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
   constexpr int KV = D / 32;  // bf16 vectors per K row
   constexpr int DV = D / 16;  // fp32 vectors per V row / accumulator
   constexpr int HEADS_PER_PASS = 16 / DV;
-  const int64_t bs = c.block_size, token_stride = c.kv_heads * D;
   const uint16_t* kp = static_cast<const uint16_t*>(c.k);
   const uint16_t* vp = static_cast<const uint16_t*>(c.v);
-  auto row_of = [&](const uint16_t* base, int64_t t) { return base + (table[t / bs] * bs + t % bs) * token_stride + kv * D; };
   for (int64_t c0 = t0; c0 < t1; c0 += SOFTMAX_CHUNK) {
     const int64_t n = std::min(SOFTMAX_CHUNK, t1 - c0);
     // Scores: tiles of 16 tokens (each token's row found through its block), 16 sums per tree.
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int64_t nt = std::min<int64_t>(16, n - j0);
       const uint16_t* krow[16];
-      for (int64_t j = 0; j < nt; ++j) {
-        krow[j] = row_of(kp, c0 + j0 + j);
-        for (int b = 0; b < D * 2; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(row_of(vp, c0 + j0 + j)) + b);
-      }
-      for (int64_t t = c0 + j0 + 16; t < std::min(c0 + j0 + 32, t1); ++t)  // the next tile's K, while this one computes
-        for (int b = 0; b < D * 2; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(row_of(kp, t)) + b);
+      for (int64_t j = 0; j < nt; ++j) krow[j] = kp + token_offset(c, table, kv, c0 + j0 + j);
+      // This tile's V (read by the P @ V loop after the chunk's scores) and the next tile's K.
+      prefetch_rows(vp, c, table, kv, c0 + j0, c0 + j0 + nt, 2 * D);
+      prefetch_rows(kp, c, table, kv, c0 + j0 + nt, std::min(c0 + j0 + nt + TILE, t1), 2 * D);
       for (int64_t h = 0; h < group; ++h) {
         __m512bh qv[KV];
         for (int x = 0; x < KV; ++x) qv[x] = (__m512bh)_mm512_loadu_si512(q + h * D + 32 * x);
@@ -270,7 +269,7 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
       for (int64_t h = 0; h < nh; ++h)
         for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_loadu_ps(acc + (h0 + h) * D + 16 * x);
       for (int64_t j = 0; j < n; ++j) {
-        const uint16_t* vrow = row_of(vp, c0 + j);
+        const uint16_t* vrow = vp + token_offset(c, table, kv, c0 + j);
         __m512 v[DV];
         for (int x = 0; x < DV; ++x) v[x] = widen_bf16(vrow + 16 * x);
         for (int64_t h = 0; h < nh; ++h) {
@@ -285,6 +284,31 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
 }
 #endif
 
+// One thread's scratch for `attend` over up to nq queries of head_dim d.
+struct Scratch {
+  std::vector<float> qf, kf, vf, s, sc;
+  Scratch(int64_t nq, int64_t d) : qf(nq * d), kf(TILE * d), vf(TILE * d), s(TILE), sc(nq * SOFTMAX_CHUNK) {}
+};
+
+// Queries q [nq, d] (as stored in the cache's dtype, unscaled) of KV head kv, each with its state
+// (m, l, acc), attend tokens t0..t1-1 of `table`: the bf16 pass where it applies, else the fp32
+// tile pass on the widened, scaled queries.
+template <typename T, int D>
+static void attend(const Cache& c, const int64_t* table, int64_t kv, int64_t t0, int64_t t1, const T* q, int64_t nq,
+                   float scale, float* m, float* l, float* acc, Scratch& w) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16> && (D == 64 || D == 128)) {
+    attend_range_bf16<D>(c, table, kv, t0, t1, reinterpret_cast<const uint16_t*>(q), nq, scale, m, l, acc,
+                         w.sc.data());
+    return;
+  }
+#endif
+  const int64_t d = D > 0 ? D : c.d;
+  load_row(q, w.qf.data(), nq * d);
+  for (int64_t i = 0; i < nq * d; ++i) w.qf[i] *= scale;
+  attend_range<T, D>(c, table, kv, t0, t1, w.qf.data(), nq, m, l, acc, w.kf.data(), w.vf.data(), w.s.data());
+}
+
 // Every row: its KV heads' queries over tokens [start, ctx) (start = starts[r] or the window's
 // first), from the state in init [rows, heads, d + 2] (m, l, acc) where starts[r] > 0.
 template <typename T, int D>
@@ -294,12 +318,10 @@ static void decode_rows(const torch::Tensor& q, const Cache& c, const int64_t* l
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
   at::parallel_for(0, rows * c.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * d), acc(group * d), m(group), l(group), kf(TILE * d), vf(TILE * d), s(TILE);
-    std::vector<float> sc(group * SOFTMAX_CHUNK);  // the bf16 pass's scores of one softmax chunk
+    std::vector<float> acc(group * d), m(group), l(group);
+    Scratch w(group, d);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t r = job / c.kv_heads, kv = job % c.kv_heads, h0 = kv * group, ctx = lens[r];
-      load_row(qp + (r * heads + h0) * d, qf.data(), group * d);
-      for (auto& x : qf) x *= static_cast<float>(scale);
       int64_t t0 = 0;
       if (starts != nullptr && starts[r] > 0) {
         t0 = starts[r];
@@ -314,15 +336,8 @@ static void decode_rows(const torch::Tensor& q, const Cache& c, const int64_t* l
         std::fill(acc.begin(), acc.end(), 0.f);
       }
       if (window > 0) t0 = std::max(t0, ctx - window);
-#if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, at::BFloat16> && (D == 64 || D == 128)) {
-        attend_range_bf16<D>(c, c.tables + r * c.max_blocks, kv, t0, ctx,
-                             reinterpret_cast<const uint16_t*>(qp + (r * heads + h0) * d), group,
-                             static_cast<float>(scale), m.data(), l.data(), acc.data(), sc.data());
-      } else
-#endif
-      attend_range<T, D>(c, c.tables + r * c.max_blocks, kv, t0, ctx, qf.data(), group, m.data(), l.data(),
-                         acc.data(), kf.data(), vf.data(), s.data());
+      attend<T, D>(c, c.tables + r * c.max_blocks, kv, t0, ctx, qp + (r * heads + h0) * d, group,
+                   static_cast<float>(scale), m.data(), l.data(), acc.data(), w);
       for (int64_t g = 0; g < group; ++g) {
         const float inv = 1.f / l[g];
         for (int64_t i = 0; i < d; ++i) acc[g * d + i] *= inv;
@@ -346,33 +361,23 @@ static void shared_pass(const torch::Tensor& q, const Cache& c, double scale, co
     for (int64_t i = group_starts[g]; i < group_starts[g + 1]; i += CHUNK) { jobs.push_back(g); jobs.push_back(i); }
   const int64_t num_jobs = static_cast<int64_t>(jobs.size() / 2);
   at::parallel_for(0, num_jobs * c.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(CHUNK * group * d), acc(CHUNK * group * d), m(CHUNK * group), l(CHUNK * group);
-    std::vector<float> kf(TILE * d), vf(TILE * d), s(TILE);
-    std::vector<T> qb(CHUNK * group * d);     // the bf16 pass's queries, unscaled
-    std::vector<float> sc(CHUNK * group * SOFTMAX_CHUNK);  // and its scores of one softmax chunk
+    std::vector<T> qg(CHUNK * group * d);  // the members' queries of this KV head, side by side
+    std::vector<float> acc(CHUNK * group * d), m(CHUNK * group), l(CHUNK * group);
+    Scratch w(CHUNK * group, d);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t g = jobs[2 * (job / c.kv_heads)], first = jobs[2 * (job / c.kv_heads) + 1];
       const int64_t kv = job % c.kv_heads, h0 = kv * group;
       const int64_t n_rows = std::min(CHUNK, group_starts[g + 1] - first), nq = n_rows * group;
-      for (int64_t i = 0; i < n_rows; ++i)
-        load_row(qp + (group_rows[first + i] * heads + h0) * d, qf.data() + i * group * d, group * d);
-      for (int64_t i = 0; i < nq * d; ++i) qf[i] *= static_cast<float>(scale);
+      for (int64_t i = 0; i < n_rows; ++i) {
+        const T* src = qp + (group_rows[first + i] * heads + h0) * d;
+        std::copy(src, src + group * d, qg.data() + i * group * d);
+      }
       std::fill(m.begin(), m.begin() + nq, NEG_BIG);
       std::fill(l.begin(), l.begin() + nq, 0.f);
       std::fill(acc.begin(), acc.begin() + nq * d, 0.f);
       const int64_t* table = c.tables + group_rows[group_starts[g]] * c.max_blocks;
-#if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, at::BFloat16> && (D == 64 || D == 128)) {
-        for (int64_t i = 0; i < n_rows; ++i)
-          std::copy(qp + (group_rows[first + i] * heads + h0) * d, qp + (group_rows[first + i] * heads + h0 + group) * d,
-                    qb.data() + i * group * d);
-        attend_range_bf16<D>(c, table, kv, 0, group_blocks[g] * c.block_size,
-                             reinterpret_cast<const uint16_t*>(qb.data()), nq, static_cast<float>(scale), m.data(),
-                             l.data(), acc.data(), sc.data());
-      } else
-#endif
-      attend_range<T, D>(c, table, kv, 0, group_blocks[g] * c.block_size, qf.data(), nq, m.data(), l.data(),
-                         acc.data(), kf.data(), vf.data(), s.data());
+      attend<T, D>(c, table, kv, 0, group_blocks[g] * c.block_size, qg.data(), nq, static_cast<float>(scale),
+                   m.data(), l.data(), acc.data(), w);
       for (int64_t i = 0; i < n_rows; ++i)
         for (int64_t gh = 0; gh < group; ++gh) {
           float* st = state + (group_rows[first + i] * heads + h0 + gh) * (d + 2);
@@ -448,7 +453,7 @@ torch::Tensor cascade_decode_attention(torch::Tensor q, torch::Tensor k_cache, t
 }
 """
 
-load = lazy_build("batchgen_cpu_decode_attention_v4", _SOURCE, ["decode_attention", "cascade_decode_attention"])
+load = lazy_build("batchgen_cpu_decode_attention_v5", _SOURCE, ["decode_attention", "cascade_decode_attention"])
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, window: int = 0) -> torch.Tensor:

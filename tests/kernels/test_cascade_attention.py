@@ -65,6 +65,24 @@ def test_cpu_kernel_equals_plain(dtype, tol, heads, kv_heads, d, block_size):
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cpu_kernel_long_prefix_many_members(dtype, tol):
+    """A 320-token shared prefix (more than one 256-token softmax chunk of the bf16 pass) over 40
+    rows (more than the 32 members one shared-pass job holds), each row with its own suffix."""
+    gen = torch.Generator().manual_seed(7)
+    rows, heads, kv_heads, d, bs, shared = 40, 9, 3, 64, 16, 20
+    k = torch.randn(shared + rows * 2, bs, kv_heads, d, generator=gen).to(dtype)
+    v = torch.randn(shared + rows * 2, bs, kv_heads, d, generator=gen).to(dtype)
+    tables = torch.tensor([list(range(shared)) + [shared + 2 * r, shared + 2 * r + 1] for r in range(rows)])
+    ctx = shared * bs + 1 + torch.arange(rows) % (2 * bs - 1)
+    q = (2 * torch.randn(rows, heads, d, generator=gen)).to(dtype)
+    groups = (torch.arange(rows).flip(0), torch.tensor([0, rows]), torch.tensor([shared]))
+    out = cascade_decode_attention_cpu(q, k, v, tables, ctx, 0.125, *groups)
+    torch.testing.assert_close(out.float(), decode_attention_ref(q, k, v, tables, ctx, 0.125).float(),
+                               atol=tol, rtol=tol)
+
+
+@needs_cpp
 def test_cpu_kernel_rejects_bad_groups():
     q, k, v, tables, ctx, (rows, starts, blocks) = _case(4, 4, 32, 16, torch.float32)
     with pytest.raises(RuntimeError, match="two groups"):

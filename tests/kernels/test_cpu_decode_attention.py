@@ -27,12 +27,13 @@ def test_matches_reference(dtype, tol, heads, kv_heads, block_size, d):
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (16, 2), (7, 7)])  # 3 and 8 heads per KV head: 1 and 2 register passes
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (16, 2), (7, 7)])  # 3, 8 and 1 query heads per KV head
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("window", [0, 300])
 def test_long_contexts_match_reference(heads, kv_heads, d, window):
     """Contexts across several softmax chunks (the bf16 pass merges one chunk of 256 tokens at a
-    time), blocks of 8 tokens, a sliding window reaching into the middle of a chunk."""
+    time), blocks of 8 tokens, more heads per KV head than one register pass holds (8 > 4 at
+    head_dim 64), a sliding window that starts mid-block."""
     gen = torch.Generator().manual_seed(heads + d + window)
     rows, block_size, num_blocks = 4, 8, 400
     k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(torch.bfloat16)
