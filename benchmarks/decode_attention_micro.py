@@ -25,6 +25,7 @@ from kernels import cpu_decode_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 LAYERS = 30
+PREFIXES, PREFIX_BLOCKS, SUFFIX = 4, 24, 50  # the shared layout: 4 prefixes of 384 tokens, 50 own tokens
 
 
 def old_kernel(rev: str):
@@ -41,20 +42,19 @@ def layouts(rows: int, ctx: int, gen: torch.Generator):
     """{name: (tables per layer, ctx_lens, groups or None)} over one K/V pool."""
     blocks_per_row = -(-ctx // BLOCK)
     plain_sets = torch.randperm(LAYERS * rows * blocks_per_row, generator=gen).view(LAYERS, rows, blocks_per_row)
-    prefix_blocks, suffix = 24, 50
-    suffix_blocks = -(-suffix // BLOCK)
-    per_layer = 4 * prefix_blocks + rows * suffix_blocks
+    suffix_blocks = -(-SUFFIX // BLOCK)
+    per_layer = PREFIXES * PREFIX_BLOCKS + rows * suffix_blocks
     ids = torch.randperm(LAYERS * per_layer, generator=gen).view(LAYERS, per_layer)
     shared_sets = []
     for layer in range(LAYERS):
-        prefixes = ids[layer, :4 * prefix_blocks].view(4, prefix_blocks)
-        own = ids[layer, 4 * prefix_blocks:].view(rows, suffix_blocks)
-        shared_sets.append(torch.cat([prefixes[torch.arange(rows) % 4], own], 1))
-    order = torch.argsort(torch.arange(rows) % 4, stable=True)
-    groups = (order, torch.arange(0, rows + 1, rows // 4), torch.full((4,), prefix_blocks))
+        prefixes = ids[layer, :PREFIXES * PREFIX_BLOCKS].view(PREFIXES, PREFIX_BLOCKS)
+        own = ids[layer, PREFIXES * PREFIX_BLOCKS:].view(rows, suffix_blocks)
+        shared_sets.append(torch.cat([prefixes[torch.arange(rows) % PREFIXES], own], 1))
+    order = torch.argsort(torch.arange(rows) % PREFIXES, stable=True)
+    groups = (order, torch.arange(0, rows + 1, rows // PREFIXES), torch.full((PREFIXES,), PREFIX_BLOCKS))
     pool = max(LAYERS * rows * blocks_per_row, LAYERS * per_layer)
     return pool, {"plain": (list(plain_sets), torch.full((rows,), ctx), None),
-                  "shared": (shared_sets, torch.full((rows,), prefix_blocks * BLOCK + suffix), groups)}
+                  "shared": (shared_sets, torch.full((rows,), PREFIX_BLOCKS * BLOCK + SUFFIX), groups)}
 
 
 def call(module, q, k, v, tables, lens, groups):
@@ -86,7 +86,7 @@ def main(rev: str = "799853c", rows: int = 64, ctx: int = 195, repeats: int = 5)
                         call(module, q, k, v, tables, lens, groups)
                     times[who].append((time.perf_counter() - t) / LAYERS)
             old, new = (1e6 * statistics.median(times[w][1:]) for w in ("old", "new"))
-            unique_tokens = (4 * 24 * BLOCK + rows * 50) if groups is not None else rows * ctx
+            unique_tokens = PREFIXES * PREFIX_BLOCKS * BLOCK + rows * SUFFIX if groups is not None else rows * ctx
             gbs = unique_tokens * KV_HEADS * HEAD_DIM * 2 * 2 / (new * 1e-6) / 1e9
             print(f"| {name} | {temp} | {old:.0f} | {new:.0f} | {old / new:.2f}x | {gbs:.1f} |")
 
