@@ -5,7 +5,7 @@ Triton (GPU; on CPU only under the interpreter, for tests): store_kv, paged_atte
 rotary, lora_shrink_expand. C++ for the CPU forward (compiled on first use by `_cpu_build`, off
 with `BATCHGEN_CPU_KERNELS=0`): cpu_ops (fused RMSNorm, SiLU-and-mul, RoPE, argmax),
 cpu_decode_attention (one-token rows; separate K and V caches, int64 tables), cpu_lora (a slot per
-token rather than segments). Conventions shared by the Triton kernels so they compose on one flat
+token rather than segments), cpu_amx_linear (bf16 linears on AMX tiles, weights pre-packed). Conventions shared by the Triton kernels so they compose on one flat
 batch (the C++ ones follow them except where their docstrings say):
 
 - Token-major, unpadded: activations are `[tokens, ...]`; a batch of rows is described by

@@ -91,10 +91,13 @@ def test_embedded_smollm2_matches_hf(engine, smol_dir, smol_reference):
 
 @pytest.mark.slow
 def test_embedded_smollm2_bf16_matches_hf_bf16(smol_dir):
-    """bf16 on CPU (packed oneDNN linears, the C++ fused ops, greedy argmax on bf16 logits) against HF
-    bf16 `generate`. bf16 logits are coarse (one ulp is 0.125-0.25 at this model's logit sizes), so a
-    divergence is accepted only where HF's own bf16 logits put our token within two ulps of its
-    choice: a tie at bf16 precision, which round-off decides either way."""
+    """bf16 on CPU (packed linears: the AMX kernel where the CPU has AMX, else oneDNN; the C++ fused
+    ops, greedy argmax on bf16 logits) against HF bf16 `generate`. bf16 logits are coarse (one ulp is
+    0.125-0.25 at this model's logit sizes), so a divergence is accepted only where HF's own bf16
+    logits put our token within two ulps of its choice: a tie at bf16 precision, which round-off
+    decides either way. With oneDNN's GEMMs (HF's own) 7 of the 8 rows match token for token; the AMX
+    kernel sums in another order, which rounds about 1 in 10^4 projection outputs the other way, and
+    4-5 rows match (every divergence a tie)."""
     from transformers import AutoModelForCausalLM
 
     llm = LLM(smol_dir, dtype="bfloat16")
@@ -118,4 +121,4 @@ def test_embedded_smollm2_bf16_matches_hf_bf16(smol_dir):
         assert logits[b[k]] - logits[a[k]] <= 2 * ulp, (
             f"prompt {i}: diverges at token {k} ({a[k]} vs HF {b[k]}), "
             f"{float(logits[b[k]] - logits[a[k]]):.3f} apart in HF's bf16 logits, more than two ulps")
-    assert exact >= len(prompts) - 2  # ties are rare: most rows match token for token
+    assert exact >= len(prompts) // 2  # ties are rare: at least half the rows match token for token

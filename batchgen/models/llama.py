@@ -19,7 +19,7 @@ from torch import nn
 
 from batchgen.exec.attention import AttentionMetadata, paged_attention
 from batchgen.models import fused
-from batchgen.models.packed_linear import pack_linears, pack_weight, packed_linear
+from batchgen.models.packed_linear import PackedGateUp, PackedLinear, pack_linears
 from batchgen.models.sliding_window import layer_windows
 
 
@@ -116,10 +116,13 @@ class MLP(nn.Module):
         self.lora = None  # batchgen.lora.layers.LayerLoRA when adapters are loaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if self.lora is not None:
-            gate_up = self.lora(x, gate_up, "gate_up_proj")
-        h = fused.silu_mul(gate_up)  # [tokens, intermediate]
+        if self.lora is None and isinstance(self.gate_up_proj, PackedGateUp):
+            h = self.gate_up_proj.silu_mul(x)  # [tokens, intermediate]: the SiLU runs in the GEMM's epilogue
+        else:
+            gate_up = self.gate_up_proj(x)
+            if self.lora is not None:
+                gate_up = self.lora(x, gate_up, "gate_up_proj")
+            h = fused.silu_mul(gate_up)  # [tokens, intermediate]
         return self.down_proj(h) if self.lora is None else self.lora(h, self.down_proj(h), "down_proj")
 
 
@@ -166,7 +169,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         attn = self.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
-        self.tied_head_packed = None  # the LM head's oneDNN-packed copy of the embedding (pack_for_cpu)
+        self.tied_head_packed: PackedLinear | None = None  # the LM head's packed copy of the embedding (pack_for_cpu)
         # Not a buffer: tables are built on first use, in fp32, on the device of the weights.
         self.inv_freq = rope_inv_freq(self.head_dim, *rope_parameters(config))  # [head_dim / 2]
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -196,15 +199,15 @@ class LlamaForCausalLM(nn.Module):
         if not self.tie_word_embeddings:
             return self.lm_head(h)
         if self.tied_head_packed is not None:
-            return packed_linear(h, self.tied_head_packed)
+            return self.tied_head_packed(h)
         return F.linear(h, self.embed_tokens.weight)
 
     def pack_for_cpu(self) -> None:
-        """Pre-pack every projection and the LM head for oneDNN (bf16 CPU; see packed_linear.py).
+        """Pre-pack every projection and the LM head for the CPU GEMM (see packed_linear.py).
         A tied LM head gets its own packed copy: the embedding lookup still needs the dense table."""
         pack_linears(self)
         if self.tie_word_embeddings:
-            self.tied_head_packed = pack_weight(self.embed_tokens.weight)
+            self.tied_head_packed = PackedLinear(self.embed_tokens.weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the fused layout; every parameter must be filled exactly once."""

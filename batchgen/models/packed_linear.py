@@ -7,6 +7,10 @@ freezing does) gives bit-identical results 1.2-2.5x faster.
 fp32 on non-Intel CPUs: `F.linear` calls MKL's sgemm, which is not tuned for them; oneDNN's packed
 AVX2 kernels ran the embedded model's decode GEMMs 1.4-2x faster on a Zen EPYC (docs/PERFORMANCE.md).
 The results differ from MKL's by fp32 round-off (another summation order). Intel CPUs keep MKL.
+On CPUs with AMX-BF16 tiles, bf16 layers whose shapes allow it take batchgen's own AMX kernel
+(kernels/cpu_amx_linear.py) instead: it streams the weights faster at decode row counts, and the
+Llama MLP's gate/up projection runs the SwiGLU activation in its epilogue (`PackedGateUp.silu_mul`).
+Its results equal oneDNN's up to fp32 summation order.
 The dense weight is dropped: a packed layer keeps only its shape.
 """
 
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kernels import cpu_amx_linear
 
 _BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows; any row count works
 
@@ -46,20 +52,57 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def _use_amx(weight: torch.Tensor) -> bool:
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and cpu_amx_linear.supports(*weight.shape) and cpu_amx_linear.available())
+
+
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    """y = x @ weight.T + bias, with weight [out, in] pre-packed (AMX tiles or oneDNN's layout)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = pack_weight(linear.weight)
-        self.bias = linear.bias
+        self.out_features, self.in_features = weight.shape
+        self.amx = _use_amx(weight)
+        self.packed = cpu_amx_linear.pack(weight) if self.amx else pack_weight(weight)
+        self.bias = bias
+        self.amx_bias = bias.detach().float().contiguous() if self.amx and bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amx:
+            return cpu_amx_linear.linear(x, self.packed, self.amx_bias, self.out_features)
         return packed_linear(x, self.packed, self.bias)
 
 
+class PackedGateUp(PackedLinear):
+    """A fused [gate; up] projection (weight [2 * inter, in]) in the AMX gate_up layout: `forward` is
+    the projection, `silu_mul(x)` is silu(gate) * up without the projection going to memory."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.inter = self.out_features // 2
+        self.amx = True
+        self.packed = cpu_amx_linear.pack_gate_up(weight)
+        self.bias = bias
+        self.amx_bias = bias.detach().float().contiguous() if bias is not None else None
+
+    @staticmethod
+    def applies(weight: torch.Tensor) -> bool:
+        return weight.shape[0] % (2 * cpu_amx_linear.TILE_N) == 0 and _use_amx(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_amx_linear.gate_up(x, self.packed, self.amx_bias, self.inter, silu_mul=False)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_amx_linear.gate_up(x, self.packed, self.amx_bias, self.inter, silu_mul=True)
+
+
 def pack_linears(model: nn.Module) -> None:
-    """Swap every nn.Linear inside `model` for a PackedLinear (in place; call once weights are loaded)."""
+    """Swap every nn.Linear inside `model` for a PackedLinear (in place; call once weights are loaded);
+    layers named gate_up_proj ([gate; up] halves) become a PackedGateUp where the AMX kernel runs."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                setattr(module, child_name, PackedLinear(child))
+                gated = child_name == "gate_up_proj" and PackedGateUp.applies(child.weight)
+                setattr(module, child_name, (PackedGateUp if gated else PackedLinear)(child.weight, child.bias))

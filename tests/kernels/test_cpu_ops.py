@@ -83,18 +83,22 @@ def test_argmax_first_index_of_the_max(dtype):
 
 
 @pytest.mark.parametrize("rows", [0, 1, 64, 300])
-def test_packed_linear_is_bit_identical(rows):
+def test_onednn_packed_linear_is_bit_identical(rows, monkeypatch):
+    """The oneDNN-packed layer (AMX-capable CPUs take kernels/cpu_amx_linear.py instead: forced off here;
+    tests/kernels/test_cpu_amx_linear.py checks that one)."""
+    from batchgen.models import packed_linear
     from batchgen.models.packed_linear import PackedLinear, can_pack
 
     if not can_pack(torch.device("cpu"), torch.bfloat16):
         pytest.skip("oneDNN bf16 linear unavailable on this CPU")
+    monkeypatch.setattr(packed_linear, "_use_amx", lambda weight: False)
     g = _gen(rows)
     linear = torch.nn.Linear(576, 960, bias=True).to(torch.bfloat16)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(960, 576, generator=g))
         linear.bias.copy_(torch.randn(960, generator=g))
     x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
-    packed = PackedLinear(linear)
-    assert (packed.in_features, packed.out_features) == (576, 960)
+    packed = PackedLinear(linear.weight, linear.bias)
+    assert (packed.in_features, packed.out_features) == (576, 960) and not packed.amx
     with torch.no_grad():
         torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), atol=0, rtol=0)
