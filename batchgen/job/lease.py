@@ -10,10 +10,11 @@ node) cannot give it back, so a lease is stale, and taken over, when
   - its host is this host and its pid is not alive, or
   - its heartbeat is older than its timeout_s (another host, a shared filesystem, an object store).
 
-Taking it is race-safe where the store allows. On a local disk the file is created with O_EXCL
-(one creator wins), and a stale lease is removed under an flock, after checking that it is still
-the stale one. On an object store, where there is no exclusive create, the run writes its own
-lease and reads it back: of two runs that raced, the one whose token is not read back gives up.
+Taking it is race-safe where the store allows. On a local disk the file is written aside and
+hard-linked into place (one creator wins, and nobody reads it half-written), and a stale lease is
+removed under an flock, after checking that it is still the stale one. On an object store, where
+there is no exclusive create, the run writes its own lease and reads it back: of two runs that
+raced, the one whose token is not read back gives up.
 A holder whose lease was taken over (it stopped heartbeating for longer than the timeout, e.g. a
 suspended process) notices at its next heartbeat and commits nothing more.
 """
@@ -150,8 +151,16 @@ class Lease:
 
     def _acquire_local(self) -> bool | dict[str, Any] | None:
         """True when taken; the holder's record when it is live; None to retry."""
+        # The lease appears whole or not at all: written to a file of our own, then hard-linked into
+        # place (exclusive, as O_EXCL). Created in place with O_EXCL, a racer could read it still
+        # empty, take it for a stale unreadable lease and remove it (two winners).
+        tmp = f"{self.path}.{self.token}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(self._content())
+            f.flush()
+            os.fsync(f.fileno())
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(tmp, self.path)
         except FileExistsError:
             holder = self.holder()
             if holder is None:
@@ -160,10 +169,8 @@ class Lease:
                 return holder
             self._remove_stale_local(holder)
             return None
-        with os.fdopen(fd, "wb") as f:
-            f.write(self._content())
-            f.flush()
-            os.fsync(f.fileno())
+        finally:
+            os.unlink(tmp)
         return True
 
     def _remove_stale_local(self, seen: dict[str, Any]) -> None:

@@ -64,31 +64,34 @@ def dead_pid() -> int:
 
 # ---- the lease on its own -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("store", ["file", "memory"])
-def test_only_one_of_racing_runs_takes_a_lease(store, tmp_path, memory_dir):
-    url = str(tmp_path / "out") if store == "file" else f"{memory_dir}/out"
-    leases = [lease_of(url) for _ in range(8)]
-    barrier = threading.Barrier(len(leases))
-    outcome: dict[int, str] = {}
+@pytest.mark.parametrize("store,rounds", [("file", 30), ("memory", 2)])
+def test_only_one_of_racing_runs_takes_a_lease(store, rounds, tmp_path, memory_dir):
+    """8 runs race for one lease, `rounds` times (a lost race shows in a few rounds of 30: a lease
+    created empty and then written was once read half-made, taken for stale and removed)."""
+    for r in range(rounds):
+        url = str(tmp_path / f"out{r}") if store == "file" else f"{memory_dir}/out{r}"
+        leases = [lease_of(url) for _ in range(8)]
+        barrier = threading.Barrier(len(leases))
+        outcome: dict[int, str] = {}
 
-    def take(i: int) -> None:
-        barrier.wait()
-        try:
-            leases[i].acquire()
-            outcome[i] = "won"
-        except OutputBusy as e:
-            outcome[i] = str(e)
+        def take(i: int, leases=leases, barrier=barrier, outcome=outcome) -> None:
+            barrier.wait()
+            try:
+                leases[i].acquire()
+                outcome[i] = "won"
+            except OutputBusy as e:
+                outcome[i] = str(e)
 
-    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(leases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [i for i, o in outcome.items() if o == "won"]
-    assert len(winners) == 1, outcome
-    assert all(f"pid {os.getpid()}" in o for i, o in outcome.items() if i != winners[0])
-    leases[winners[0]].release()
-    assert lease_of(url).holder() is None  # given back: the next run takes it at once
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(len(leases))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [i for i, o in outcome.items() if o == "won"]
+        assert len(winners) == 1, (r, outcome)
+        assert all(f"pid {os.getpid()}" in o for i, o in outcome.items() if i != winners[0])
+        leases[winners[0]].release()
+        assert lease_of(url).holder() is None  # given back: the next run takes it at once
     lease_of(url).acquire()
 
 
