@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import torch
 
+from kernels.cpu_decode_attention import heads_contiguous
 from kernels.cpu_decode_attention import load as _load_cpu
 
 
 def cascade_decode_attention_cpu(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, group_rows,
                                  group_starts, group_blocks) -> torch.Tensor:
     """The C++ kernel (see kernels/cpu_decode_attention.py); tensors on CPU."""
-    return _load_cpu().cascade_decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale, group_rows,
-                                                group_starts, group_blocks)
+    return _load_cpu().cascade_decode_attention(heads_contiguous(q), k_cache, v_cache, block_tables, ctx_lens, scale,
+                                                group_rows, group_starts, group_blocks)
 
 
 def cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, group_rows,

@@ -315,6 +315,7 @@ template <typename T, int D>
 static void decode_rows(const torch::Tensor& q, const Cache& c, const int64_t* lens, double scale, int64_t window,
                         const int64_t* starts, const float* init, torch::Tensor& out) {
   const int64_t rows = q.size(0), heads = q.size(1), d = D > 0 ? D : c.d, group = heads / c.kv_heads;
+  const int64_t sq = q.stride(0);  // a row's heads are contiguous; rows may be strided (views of a fused qkv)
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
   at::parallel_for(0, rows * c.kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -336,7 +337,7 @@ static void decode_rows(const torch::Tensor& q, const Cache& c, const int64_t* l
         std::fill(acc.begin(), acc.end(), 0.f);
       }
       if (window > 0) t0 = std::max(t0, ctx - window);
-      attend<T, D>(c, c.tables + r * c.max_blocks, kv, t0, ctx, qp + (r * heads + h0) * d, group,
+      attend<T, D>(c, c.tables + r * c.max_blocks, kv, t0, ctx, qp + r * sq + h0 * d, group,
                    static_cast<float>(scale), m.data(), l.data(), acc.data(), w);
       for (int64_t g = 0; g < group; ++g) {
         const float inv = 1.f / l[g];
@@ -354,7 +355,7 @@ static void shared_pass(const torch::Tensor& q, const Cache& c, double scale, co
                         const int64_t* group_starts, const int64_t* group_blocks, int64_t num_groups,
                         float* state) {
   constexpr int64_t CHUNK = 32;
-  const int64_t heads = q.size(1), d = D > 0 ? D : c.d, group = heads / c.kv_heads;
+  const int64_t heads = q.size(1), d = D > 0 ? D : c.d, group = heads / c.kv_heads, sq = q.stride(0);
   const T* qp = q.data_ptr<T>();
   std::vector<int64_t> jobs;  // (group, first member) pairs, flattened
   for (int64_t g = 0; g < num_groups; ++g)
@@ -369,7 +370,7 @@ static void shared_pass(const torch::Tensor& q, const Cache& c, double scale, co
       const int64_t kv = job % c.kv_heads, h0 = kv * group;
       const int64_t n_rows = std::min(CHUNK, group_starts[g + 1] - first), nq = n_rows * group;
       for (int64_t i = 0; i < n_rows; ++i) {
-        const T* src = qp + (group_rows[first + i] * heads + h0) * d;
+        const T* src = qp + group_rows[first + i] * sq + h0 * d;
         std::copy(src, src + group * d, qg.data() + i * group * d);
       }
       std::fill(m.begin(), m.begin() + nq, NEG_BIG);
@@ -394,6 +395,13 @@ static Cache make_cache(const torch::Tensor& k_cache, const torch::Tensor& v_cac
                k_cache.size(1), k_cache.size(2), k_cache.size(3)};
 }
 
+// q [rows, heads, d]: each row's heads contiguous, any row stride (a view of the fused qkv projection).
+static void check_inputs(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q: each row's heads must be contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), "one dtype");
+}
+
 #define DISPATCH_HEAD_DIM(NAME, ...)                                                          \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), NAME, [&] {      \
     switch (q.size(2)) {                                                                      \
@@ -405,9 +413,8 @@ static Cache make_cache(const torch::Tensor& k_cache, const torch::Tensor& v_cac
 
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                torch::Tensor block_tables, torch::Tensor ctx_lens, double scale, int64_t window) {
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), "one dtype");
-  auto out = torch::empty_like(q);
+  check_inputs(q, k_cache, v_cache);
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   auto tables = block_tables.to(torch::kInt64).contiguous();
   auto lens = ctx_lens.to(torch::kInt64).contiguous();
   const Cache c = make_cache(k_cache, v_cache, tables);
@@ -420,9 +427,8 @@ torch::Tensor cascade_decode_attention(torch::Tensor q, torch::Tensor k_cache, t
                                        torch::Tensor block_tables, torch::Tensor ctx_lens, double scale,
                                        torch::Tensor group_rows, torch::Tensor group_starts,
                                        torch::Tensor group_blocks) {
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), "one dtype");
-  auto out = torch::empty_like(q);
+  check_inputs(q, k_cache, v_cache);
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   auto tables = block_tables.to(torch::kInt64).contiguous();
   auto lens = ctx_lens.to(torch::kInt64).contiguous();
   auto grows = group_rows.to(torch::kInt64).contiguous();
@@ -456,8 +462,14 @@ torch::Tensor cascade_decode_attention(torch::Tensor q, torch::Tensor k_cache, t
 load = lazy_build("batchgen_cpu_decode_attention_v5", _SOURCE, ["decode_attention", "cascade_decode_attention"])
 
 
+def heads_contiguous(q: torch.Tensor) -> torch.Tensor:
+    """q [rows, heads, d] as the kernels take it: each row's heads contiguous, any row stride (a view
+    of the fused q/k/v projection passes as it is)."""
+    return q if q.stride(2) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
+
+
 def decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, window: int = 0) -> torch.Tensor:
-    return load().decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale, int(window))
+    return load().decode_attention(heads_contiguous(q), k_cache, v_cache, block_tables, ctx_lens, scale, int(window))
 
 
 def decode_attention_ref(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, window: int = 0) -> torch.Tensor:

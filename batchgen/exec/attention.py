@@ -123,6 +123,15 @@ def _chunk_mask(c: ChunkSegment, i: int, meta: AttentionMetadata, window: int, d
     return meta.window_masks[key]
 
 
+def _put(out: torch.Tensor, g, rows: torch.Tensor) -> torch.Tensor:
+    """out with rows g.start:g.end set to `rows`: `rows` itself when the group is every token (a
+    decode-only step: no copy)."""
+    if g.start == 0 and g.end == out.shape[0]:
+        return rows
+    out[g.start:g.end] = rows
+    return out
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]; returns [tokens, heads, d].
@@ -144,13 +153,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     for i, g in enumerate(meta.single_groups):
         if g.ctx_lens is not None and meta.cascade is not None and not window and not softcap:
             c = meta.cascade  # one pass over each shared prefix per group (the cascade kernel has no window)
-            out[g.start:g.end] = cascade_decode_attention_cpu(q[g.start:g.end].contiguous(), k_cache, v_cache,
-                                                              g.block_tables, g.ctx_lens, scale, c.rows, c.starts,
-                                                              c.blocks)
+            out = _put(out, g, cascade_decode_attention_cpu(q[g.start:g.end], k_cache, v_cache, g.block_tables,
+                                                            g.ctx_lens, scale, c.rows, c.starts, c.blocks))
             continue
         if g.ctx_lens is not None and not softcap:  # the C++ kernel reads K/V in place: no gathered copy
-            out[g.start:g.end] = cpu_decode_attention(q[g.start:g.end].contiguous(), k_cache, v_cache,
-                                                      g.block_tables, g.ctx_lens, scale, window)
+            out = _put(out, g, cpu_decode_attention(q[g.start:g.end], k_cache, v_cache, g.block_tables, g.ctx_lens,
+                                                    scale, window))
             continue
         n = g.end - g.start
         keys = gather(k_cache, g.block_tables).transpose(1, 2)  # [n, kv_heads, ctx, d]

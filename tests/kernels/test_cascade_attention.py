@@ -65,6 +65,18 @@ def test_cpu_kernel_equals_plain(dtype, tol, heads, kv_heads, d, block_size):
 
 
 @needs_cpp
+def test_cpu_kernel_reads_strided_queries_in_place():
+    """q as a view of a wider [rows, q + k + v] buffer: the same bits as from a contiguous copy."""
+    q, k, v, tables, ctx, groups = _case(9, 3, 64, 16, torch.bfloat16, seed=5)
+    wide = torch.zeros(q.shape[0], q.shape[1] * q.shape[2] + 384, dtype=q.dtype)
+    wide[:, :q.shape[1] * q.shape[2]] = q.reshape(q.shape[0], -1)
+    view = wide[:, :q.shape[1] * q.shape[2]].view(q.shape)
+    assert not view.is_contiguous()
+    assert torch.equal(cascade_decode_attention_cpu(view, k, v, tables, ctx, 0.15, *groups),
+                       cascade_decode_attention_cpu(q, k, v, tables, ctx, 0.15, *groups))
+
+
+@needs_cpp
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_cpu_kernel_long_prefix_many_members(dtype, tol):
     """A 320-token shared prefix (more than one 256-token softmax chunk of the bf16 pass) over 40

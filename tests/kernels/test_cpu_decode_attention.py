@@ -44,3 +44,25 @@ def test_long_contexts_match_reference(heads, kv_heads, d, window):
     out = decode_attention(q, k_cache, v_cache, tables, ctx, d ** -0.5, window)
     ref = decode_attention_ref(q, k_cache, v_cache, tables, ctx, d ** -0.5, window)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_queries_as_a_view_of_the_qkv_projection(dtype):
+    """q as the model hands it over: a view of the fused [tokens, q + k + v] projection (row stride
+    960, not heads * d), read in place; the same bits as from a contiguous copy."""
+    gen = torch.Generator().manual_seed(11)
+    rows, heads, kv_heads, d, block_size, num_blocks = 5, 9, 3, 64, 16, 30
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(dtype)
+    ctx = torch.tensor([1, 17, 40, 64, 80])
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:5] for _ in range(rows)])
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=gen).to(dtype)
+    q = qkv[:, :heads * d].view(rows, heads, d)
+    assert not q.is_contiguous()
+    out = decode_attention(q, k_cache, v_cache, tables, ctx, 0.125)
+    assert torch.equal(out, decode_attention(q.contiguous(), k_cache, v_cache, tables, ctx, 0.125))
+    ref = decode_attention_ref(q, k_cache, v_cache, tables, ctx, 0.125)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    # heads not contiguous within a row: taken through a copy
+    swapped = q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(decode_attention(swapped, k_cache, v_cache, tables, ctx, 0.125), out)
