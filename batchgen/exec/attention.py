@@ -123,7 +123,7 @@ def _chunk_mask(c: ChunkSegment, i: int, meta: AttentionMetadata, window: int, d
     return meta.window_masks[key]
 
 
-def _put(out: torch.Tensor, g, rows: torch.Tensor) -> torch.Tensor:
+def _put(out: torch.Tensor, g: SingleGroup, rows: torch.Tensor) -> torch.Tensor:
     """out with rows g.start:g.end set to `rows`: `rows` itself when the group is every token (a
     decode-only step: no copy)."""
     if g.start == 0 and g.end == out.shape[0]:

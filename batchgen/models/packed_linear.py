@@ -74,15 +74,14 @@ class PackedLinear(nn.Module):
         return packed_linear(x, self.packed, self.bias)
 
 
-class PackedGateUp(PackedLinear):
+class PackedGateUp(nn.Module):
     """A fused [gate; up] projection (weight [2 * inter, in]) in the AMX gate_up layout: `forward` is
     the projection, `silu_mul(x)` is silu(gate) * up without the projection going to memory."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        nn.Module.__init__(self)
+        super().__init__()
         self.out_features, self.in_features = weight.shape
         self.inter = self.out_features // 2
-        self.amx = True
         self.packed = cpu_amx_linear.pack_gate_up(weight)
         self.bias = bias
         self.amx_bias = bias.detach().float().contiguous() if bias is not None else None
