@@ -68,6 +68,28 @@ template <typename T> static inline void round_row(float* x, T* tmp, int64_t n) 
   store_row(x, tmp, n);
   load_row(tmp, x, n);
 }
+#ifdef __AVX512F__
+#include <immintrin.h>
+// exp(x) for 16 lanes, x clamped to [-87, 89]: x = n ln2 + r with n = round(x / ln2) and r reduced
+// in two steps (Cody-Waite: ln2 split into a short high part and a low part, so r keeps its bits for
+// large |x|), e^r by its degree-7 Taylor polynomial on |r| <= ln2 / 2, times 2^n. About 1 ulp, as expf.
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(89.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
 """
 
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]

@@ -1,4 +1,4 @@
-"""bf16 linear layers on Intel AMX tiles, for the row counts of decode steps (C++, compiled on first use).
+"""bf16 linear layers on Intel AMX tiles (C++, compiled on first use), made for decode row counts.
 
 Semantics: `linear(x, w, bias)` is `F.linear(x, weight, bias)` for bf16 x [rows, in] and weight
 [out, in]: fp32 sums of exact bf16 products (plus the bias in fp32), rounded once to bf16 — equal to
@@ -52,7 +52,6 @@ constexpr int64_t TILE_K = 32;         // bf16 inputs per A row / B tile
 constexpr int64_t TILE_ELEMS = 512;    // bf16 values in one B tile (1 KB)
 constexpr int64_t C_TILE_FLOATS = 256; // one 16x16 fp32 accumulator tile
 constexpr int64_t M_BLOCK = 256;       // rows whose input slice stays in L2 while the weights stream by
-constexpr int64_t PREFETCH_BYTES = 4096;  // how far ahead of the tiles being multiplied the weights are fetched
 
 // Linux hands out AMX tile state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM).
 static bool amx_ready() {
@@ -73,23 +72,14 @@ static void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-static inline void prefetch_tile(const uint16_t* tile, const uint16_t* end) {
-  const char* p = reinterpret_cast<const char*>(tile) + PREFETCH_BYTES;
-  if (p + 1024 > reinterpret_cast<const char*>(end)) return;
-  for (int line = 0; line < 16; ++line) _mm_prefetch(p + 64 * line, _MM_HINT_T0);
-}
-
 // C tiles 0..MT-1 = rows [0, 16 MT) of `a` times one panel `b` (k-steps of one B tile each).
 template <int MT>
-static inline void plain_block(const uint16_t* a, int64_t lda_bytes, const uint16_t* b, int64_t ksteps,
-                               const uint16_t* prefetch_end, float* c) {
+static inline void plain_block(const uint16_t* a, int64_t lda_bytes, const uint16_t* b, int64_t ksteps, float* c) {
   _tile_zero(0);
   if constexpr (MT > 1) _tile_zero(1);
   const int64_t a_rows16 = 16 * (lda_bytes / 2);  // elements between A tiles 16 rows apart
   for (int64_t s = 0; s < ksteps; ++s) {
-    const uint16_t* bt = b + s * TILE_ELEMS;
-    if (prefetch_end) prefetch_tile(bt, prefetch_end);
-    _tile_loadd(6, bt, 64);
+    _tile_loadd(6, b + s * TILE_ELEMS, 64);
     const uint16_t* at = a + s * TILE_K;
     _tile_loadd(4, at, lda_bytes);
     _tile_dpbf16ps(0, 4, 6);
@@ -105,17 +95,14 @@ static inline void plain_block(const uint16_t* a, int64_t lda_bytes, const uint1
 // Each A tile feeds two products, each B tile MT: half the tile loads per product of plain_block.
 template <int MT>
 static inline void pair_block(const uint16_t* a, int64_t lda_bytes, const uint16_t* b0, const uint16_t* b1,
-                              int64_t b_step, int64_t ksteps, const uint16_t* prefetch_end, float* c) {
+                              int64_t b_step, int64_t ksteps, float* c) {
   _tile_zero(0);
   _tile_zero(2);
   if constexpr (MT > 1) { _tile_zero(1); _tile_zero(3); }
   const int64_t a_rows16 = 16 * (lda_bytes / 2);
   for (int64_t s = 0; s < ksteps; ++s) {
-    const uint16_t* bt0 = b0 + s * b_step;
-    const uint16_t* bt1 = b1 + s * b_step;
-    if (prefetch_end) { prefetch_tile(bt0, prefetch_end); prefetch_tile(bt1, prefetch_end); }
-    _tile_loadd(6, bt0, 64);
-    _tile_loadd(7, bt1, 64);
+    _tile_loadd(6, b0 + s * b_step, 64);
+    _tile_loadd(7, b1 + s * b_step, 64);
     const uint16_t* at = a + s * TILE_K;
     _tile_loadd(4, at, lda_bytes);
     _tile_dpbf16ps(0, 4, 6);
@@ -129,26 +116,6 @@ static inline void pair_block(const uint16_t* a, int64_t lda_bytes, const uint16
   _tile_stored(0, c, 64);
   _tile_stored(2, c + 2 * C_TILE_FLOATS, 64);
   if constexpr (MT > 1) { _tile_stored(1, c + C_TILE_FLOATS, 64); _tile_stored(3, c + 3 * C_TILE_FLOATS, 64); }
-}
-
-// exp(x) for 16 lanes, x clamped to [-87, 89]: x = n ln2 + r with n = round(x / ln2) and r reduced
-// in two steps (Cody-Waite: ln2 split into a short high part and a low part, so r keeps its bits for
-// large |x|), e^r by its degree-7 Taylor polynomial on |r| <= ln2 / 2, times 2^n. About 1 ulp, as expf.
-static inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(89.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
 }
 
 static inline __m512 round_bf16(__m512 x) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(x)); }
@@ -196,7 +163,6 @@ struct Layout {
 static void run_units(const uint16_t* x, int64_t m, int64_t m_pad, int64_t k, const Layout& L, const float* bias,
                       at::BFloat16* out, int64_t u0, int64_t u1) {
   const int64_t lda = 2 * k, ldo = L.ldo(), panel = L.ksteps * TILE_ELEMS;
-  const uint16_t* w_end = L.w + L.n * k;
   alignas(64) float c[4 * C_TILE_FLOATS];
   // Up to 128 rows, each unit's weights are multiplied by every row group in turn (the later groups
   // read them from L1). Beyond, chunks of 16 units (~1 MB of weights at in = 576, kept in L2) are
@@ -210,7 +176,6 @@ static void run_units(const uint16_t* x, int64_t m, int64_t m_pad, int64_t k, co
       for (int64_t mg = mb; mg < me; mg += 2 * TILE_ROWS) {
         const uint16_t* a = x + mg * k;
         const int64_t mt = std::min<int64_t>(2, (me - mg) / TILE_ROWS);
-        const uint16_t* pf = mg == mb ? w_end : nullptr;  // the chunk comes from memory for its first rows only
         for (int64_t u = uc; u < ue; ++u) {
           // B panels, their k-step stride, and where their columns go in the output
           const uint16_t *b0, *b1;
@@ -223,11 +188,11 @@ static void run_units(const uint16_t* x, int64_t m, int64_t m_pad, int64_t k, co
             col0 = 2 * u * TILE_COLS; col1 = col0 + TILE_COLS;
           }
           if (b1) {
-            if (mt == 2) pair_block<2>(a, lda, b0, b1, step, L.ksteps, pf, c);
-            else pair_block<1>(a, lda, b0, b1, step, L.ksteps, pf, c);
+            if (mt == 2) pair_block<2>(a, lda, b0, b1, step, L.ksteps, c);
+            else pair_block<1>(a, lda, b0, b1, step, L.ksteps, c);
           } else {
-            if (mt == 2) plain_block<2>(a, lda, b0, L.ksteps, pf, c);
-            else plain_block<1>(a, lda, b0, L.ksteps, pf, c);
+            if (mt == 2) plain_block<2>(a, lda, b0, L.ksteps, c);
+            else plain_block<1>(a, lda, b0, L.ksteps, c);
           }
           for (int64_t t = 0; t < mt; ++t) {
             const int64_t row = mg + t * TILE_ROWS, rows = std::min<int64_t>(TILE_ROWS, m - row);

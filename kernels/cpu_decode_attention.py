@@ -83,23 +83,6 @@ static inline void scores_tile(const float* q, const float* k, int64_t d, float*
   for (int64_t j = 0; j < TILE; ++j) s[j] = dot(q, k + j * d, d);
 }
 
-#ifdef __AVX512F__
-// exp(x) for 16 lanes: 2^(x log2 e) split into an integer power (scalef) and a degree-6 polynomial
-// on [-0.5, 0.5] (relative error ~1e-7, fp32 round-off).
-static inline __m512 exp16(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.540353e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.55041087e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40226507e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93147181e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
 
 // Online softmax update of one query with a tile: scores s[0..n), values v [TILE, d] fp32.
 // State: running max m, sum l, unnormalised accumulator acc [d].

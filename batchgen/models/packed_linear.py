@@ -57,6 +57,10 @@ def _use_amx(weight: torch.Tensor) -> bool:
             and cpu_amx_linear.supports(*weight.shape) and cpu_amx_linear.available())
 
 
+def _amx_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach().float().contiguous()  # the kernel adds it in fp32
+
+
 class PackedLinear(nn.Module):
     """y = x @ weight.T + bias, with weight [out, in] pre-packed (AMX tiles or oneDNN's layout)."""
 
@@ -65,12 +69,11 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.amx = _use_amx(weight)
         self.packed = cpu_amx_linear.pack(weight) if self.amx else pack_weight(weight)
-        self.bias = bias
-        self.amx_bias = bias.detach().float().contiguous() if self.amx and bias is not None else None
+        self.bias = _amx_bias(bias) if self.amx else bias  # as the backend takes it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.amx:
-            return cpu_amx_linear.linear(x, self.packed, self.amx_bias, self.out_features)
+            return cpu_amx_linear.linear(x, self.packed, self.bias, self.out_features)
         return packed_linear(x, self.packed, self.bias)
 
 
@@ -83,18 +86,17 @@ class PackedGateUp(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.inter = self.out_features // 2
         self.packed = cpu_amx_linear.pack_gate_up(weight)
-        self.bias = bias
-        self.amx_bias = bias.detach().float().contiguous() if bias is not None else None
+        self.bias = _amx_bias(bias)
 
     @staticmethod
     def applies(weight: torch.Tensor) -> bool:
         return weight.shape[0] % (2 * cpu_amx_linear.TILE_N) == 0 and _use_amx(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_amx_linear.gate_up(x, self.packed, self.amx_bias, self.inter, silu_mul=False)
+        return cpu_amx_linear.gate_up(x, self.packed, self.bias, self.inter, silu_mul=False)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_amx_linear.gate_up(x, self.packed, self.amx_bias, self.inter, silu_mul=True)
+        return cpu_amx_linear.gate_up(x, self.packed, self.bias, self.inter, silu_mul=True)
 
 
 def pack_linears(model: nn.Module) -> None:
