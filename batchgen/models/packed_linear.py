@@ -7,6 +7,8 @@ freezing does) gives bit-identical results 1.2-2.5x faster.
 fp32 on non-Intel CPUs: `F.linear` calls MKL's sgemm, which is not tuned for them; oneDNN's packed
 AVX2 kernels ran the embedded model's decode GEMMs 1.4-2x faster on a Zen EPYC (docs/PERFORMANCE.md).
 The results differ from MKL's by fp32 round-off (another summation order). Intel CPUs keep MKL.
+On those non-Intel CPUs, fp32 layers on AVX2 CPUs without AVX-512 take batchgen's own register-blocked
+kernel (kernels/cpu_avx2_linear.py), which runs the decode GEMMs closer to the FMA peak than oneDNN.
 On CPUs with AMX-BF16 tiles, bf16 layers whose shapes allow it take batchgen's own AMX kernel
 (kernels/cpu_amx_linear.py) instead: it streams the weights faster at decode row counts, and the
 Llama MLP's gate/up projection runs the SwiGLU activation in its epilogue (`PackedGateUp.silu_mul`).
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import cpu_amx_linear
+from kernels import cpu_amx_linear, cpu_avx2_linear
 
 _BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows; any row count works
 
@@ -57,23 +59,39 @@ def _use_amx(weight: torch.Tensor) -> bool:
             and cpu_amx_linear.supports(*weight.shape) and cpu_amx_linear.available())
 
 
+def _use_avx2(weight: torch.Tensor) -> bool:
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and cpu_avx2_linear.supports(*weight.shape) and cpu_avx2_linear.available())
+
+
+def _backend(weight: torch.Tensor) -> str:
+    """"amx" or "avx2" (batchgen's kernels) where they apply, else "onednn"."""
+    return "amx" if _use_amx(weight) else "avx2" if _use_avx2(weight) else "onednn"
+
+
 def _amx_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.detach().float().contiguous()  # the kernel adds it in fp32
 
 
 class PackedLinear(nn.Module):
-    """y = x @ weight.T + bias, with weight [out, in] pre-packed (AMX tiles or oneDNN's layout)."""
+    """y = x @ weight.T + bias, with weight [out, in] pre-packed (AMX tiles, AVX2 panels or oneDNN's layout)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.amx = _use_amx(weight)
-        self.packed = cpu_amx_linear.pack(weight) if self.amx else pack_weight(weight)
-        self.bias = _amx_bias(bias) if self.amx else bias  # as the backend takes it
+        self.backend = _backend(weight)
+        if self.backend == "amx":
+            self.packed, self.bias = cpu_amx_linear.pack(weight), _amx_bias(bias)  # the kernel adds fp32
+        elif self.backend == "avx2":
+            self.packed, self.bias = cpu_avx2_linear.pack(weight), None if bias is None else bias.detach().contiguous()
+        else:
+            self.packed, self.bias = pack_weight(weight), bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.amx:
+        if self.backend == "amx":
             return cpu_amx_linear.linear(x, self.packed, self.bias, self.out_features)
+        if self.backend == "avx2":
+            return cpu_avx2_linear.linear(x, self.packed, self.bias, self.out_features)
         return packed_linear(x, self.packed, self.bias)
 
 

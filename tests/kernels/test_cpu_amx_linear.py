@@ -110,7 +110,7 @@ def test_packed_layers_pick_the_kernel():
     b = torch.randn(192, generator=g).to(torch.bfloat16)
     x = torch.randn(40, 576, generator=g).to(torch.bfloat16)
     layer = PackedLinear(w, b)
-    assert layer.amx and (layer.in_features, layer.out_features) == (576, 192)
+    assert layer.backend == "amx" and (layer.in_features, layer.out_features) == (576, 192)
     exact = F.linear(x.float(), w.float(), b.float())
     _assert_one_rounding(layer(x), exact)
     assert PackedGateUp.applies(w)
@@ -119,4 +119,4 @@ def test_packed_layers_pick_the_kernel():
     assert torch.equal(gate_up.silu_mul(x), amx.gate_up(x, amx.pack_gate_up(w), b.float(), 96, silu_mul=True))
     # shapes the tiles cannot take stay on oneDNN
     odd = PackedLinear(torch.randn(100, 70).to(torch.bfloat16))
-    assert not odd.amx and not PackedGateUp.applies(torch.randn(48, 64).to(torch.bfloat16))
+    assert odd.backend == "onednn" and not PackedGateUp.applies(torch.randn(48, 64).to(torch.bfloat16))
