@@ -5,14 +5,15 @@ Semantics: `linear(x, w, bias)` is `F.linear(x, weight, bias)` for fp32 x [rows,
 (x[r, 0] * w[c, 0] first), plus the bias after the last one. It equals MKL's or oneDNN's result up
 to fp32 summation order.
 
-Why: on AVX2 CPUs (AMD Zen 2/3 EPYCs among them) torch's fp32 GEMMs reach 55-65% of the FMA peak
-at the row counts a decode step has (64 rows x 576 inputs on the embedded model), while a register
-block of 6 rows x 16 output columns (12 accumulators, two weight loads and six broadcasts per input)
-runs near it. Each thread takes a contiguous range of 16-column weight panels, so it streams one
+Why: on a 2-core Zen 3 EPYC (AVX2) oneDNN's packed fp32 GEMM ran a 64-row decode step's linears
+(64 rows x 576 inputs on the embedded model) at about half the two cores' FMA peak, this kernel at
+60-65% (1.14-1.33x; docs/PERFORMANCE.md); a register block of 6 rows x 16 output columns (12
+accumulators, two weight loads and six broadcasts per input) runs at ~95% of peak from L1. Each thread takes a contiguous range of 16-column weight panels, so it streams one
 contiguous range of the packed weight; a panel is multiplied by every block of 6 rows in turn, the
 later blocks reading it from cache. Rows go in blocks whose input slice stays in L2 (`row_block`),
-inputs in blocks of at most 2048 (a panel's slice stays in L2 too), the partial sums of a
-[rows, 16] block in a local buffer between input blocks.
+packed by each thread so that one block's six rows are one stream; inputs in blocks of at most 2048
+(a panel's slice stays in L2 too), the partial sums of a [rows, 16] block in a local buffer between
+input blocks.
 
 Layout (`pack`, once at load time; the dense weight is dropped): [out / 16, in, 16], element
 [p, k, c] = weight[16 p + c, k]: one panel's 16 weights per input, 64 contiguous bytes.
