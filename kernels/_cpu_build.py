@@ -10,6 +10,8 @@ at warning level so that it shows without any logging set up), with where the re
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -122,14 +124,40 @@ def build(name: str, source: str, functions: list[str]):
 
         compiling = _announce(name)
         start = time.perf_counter()
-        module = load_inline(name=name, cpp_sources=[source], functions=functions, extra_cflags=_FLAGS,
-                             extra_ldflags=["-fopenmp"], verbose=False)
+        with _build_lock(build_directory(name)):
+            module = load_inline(name=name, cpp_sources=[source], functions=functions, extra_cflags=_FLAGS,
+                                 extra_ldflags=["-fopenmp"], verbose=False)
         if compiling:
             logger.info("C++ CPU kernel %s ready (%.0f s)", name, time.perf_counter() - start)
         return module
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         logger.warning("C++ CPU kernels %s unavailable (%s); using the torch path", name, str(e).splitlines()[0])
         return None
+
+
+@contextlib.contextmanager
+def _build_lock(directory: str | None):
+    """Serializes batchgen's builds of one extension with a lock the kernel drops when its holder dies.
+
+    torch guards a build with a `lock` file that its builder removes when done; a builder killed
+    mid-build (a job cancelled, a session ended) leaves it behind and every later load waits on it
+    forever. Under this flock no other batchgen process is building the extension, so a `lock` file
+    found now is such a leftover: it is removed, and torch builds (or loads) as usual.
+    """
+    if directory is None:  # torch cannot say where it builds: nothing to guard
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "batchgen.flock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stale = os.path.join(directory, "lock")
+        if os.path.exists(stale):
+            logger.warning("removing a build lock left by a killed build: %s", stale)
+            os.remove(stale)
+        try:
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
 
 
 _announced = False
