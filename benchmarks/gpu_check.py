@@ -137,9 +137,9 @@ def step_cuda_graphs() -> dict:
 def step_kernel_bandwidth() -> dict:
     import torch
 
-    from kernels.paged_attention import paged_attention
-    from kernels.rms_norm import rms_norm
-    from kernels.store_kv import store_kv
+    from batchgen.kernels.paged_attention import paged_attention
+    from batchgen.kernels.rms_norm import rms_norm
+    from batchgen.kernels.store_kv import store_kv
 
     peak = _copy_bandwidth()
     out = dict(copy_gb_s=peak / 1e9)
@@ -162,7 +162,7 @@ def step_kernel_bandwidth() -> dict:
     w = torch.ones(4096, dtype=dt, device="cuda")
     t = _timed(lambda: rms_norm(x, w, 1e-6))
     out["rms_norm_gb_s"] = 2 * x.numel() * 2 / t / 1e9
-    from kernels.rotary import rotary_embedding
+    from batchgen.kernels.rotary import rotary_embedding
 
     qr = torch.randn(tokens, heads, d, dtype=dt, device="cuda")
     kr = torch.randn(tokens, kvh, d, dtype=dt, device="cuda")

@@ -19,8 +19,8 @@ import time
 
 import torch
 
+from batchgen.kernels import cpu_amx_linear, cpu_avx2_linear, cpu_ops
 from batchgen.models.packed_linear import pack_weight, packed_linear
-from kernels import cpu_amx_linear, cpu_avx2_linear, cpu_ops
 
 LAYERS = 30
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}

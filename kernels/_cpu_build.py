@@ -4,7 +4,7 @@ callers fall back to torch.
 
 The first build takes about 25 s on 2 cores; it is announced once per process (logger "batchgen",
 at warning level so that it shows without any logging set up), with where the result is cached.
-`make install` builds them ahead (`python -m kernels.build`), so that a first run does not wait.
+`make install` builds them ahead (`python -m batchgen.kernels.build`), so that a first run does not wait.
 `BATCHGEN_CPU_KERNELS=0` turns every C++ kernel off (the torch paths then run everywhere).
 """
 
@@ -183,7 +183,7 @@ def _announce(name: str) -> bool:
         _announced = True
         where = os.path.dirname(directory) if directory else "torch's extension cache"
         logger.warning("compiling batchgen's C++ CPU kernels (first use only, about 25 s on 2 cores; cached in "
-                       "%s; `python -m kernels.build` builds them ahead, BATCHGEN_CPU_KERNELS=0 skips them)", where)
+                       "%s; `python -m batchgen.kernels.build` builds them ahead, BATCHGEN_CPU_KERNELS=0 skips them)", where)
     return True
 
 

@@ -1,4 +1,4 @@
-"""Build every C++ CPU kernel now, into torch's extension cache: `python -m kernels.build`.
+"""Build every C++ CPU kernel now, into torch's extension cache: `python -m batchgen.kernels.build`.
 
 `make install` runs it, so that the first job does not wait ~25 s on the compiler. It never fails:
 where a kernel cannot be built (no compiler, no headers) it says so and the torch path runs instead.
@@ -12,8 +12,8 @@ import sys
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-    from kernels import cpu_amx_linear, cpu_avx2_linear, cpu_decode_attention, cpu_lora, cpu_moe, cpu_ops
-    from kernels._cpu_build import build_directory
+    from . import cpu_amx_linear, cpu_avx2_linear, cpu_decode_attention, cpu_lora, cpu_moe, cpu_ops
+    from ._cpu_build import build_directory
 
     for module in (cpu_ops, cpu_decode_attention, cpu_lora, cpu_moe, cpu_amx_linear, cpu_avx2_linear):
         built = module.load()

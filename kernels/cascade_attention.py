@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpu_decode_attention import heads_contiguous
-from kernels.cpu_decode_attention import load as _load_cpu
+from .cpu_decode_attention import heads_contiguous
+from .cpu_decode_attention import load as _load_cpu
 
 
 def cascade_decode_attention_cpu(q, k_cache, v_cache, block_tables, ctx_lens, scale: float, group_rows,
@@ -79,7 +79,7 @@ def cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, ctx_lens, sc
 def cascade_decode_attention_triton(q, kv_cache, block_tables, ctx_lens, scale: float, group_rows, group_starts,
                                     group_blocks, *, max_group_rows: int, out=None) -> torch.Tensor:
     """The Triton kernels (kernels/cascade_attention_triton.py); imported on first use."""
-    from kernels.cascade_attention_triton import cascade_decode_attention as _triton
+    from .cascade_attention_triton import cascade_decode_attention as _triton
 
     return _triton(q, kv_cache, block_tables, ctx_lens, scale, group_rows, group_starts, group_blocks,
                    max_group_rows=max_group_rows, out=out)

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import dot_precision, interpreted, next_power_of_2
-from kernels.paged_attention import _LOG2E, _attend_tile
+from ._utils import dot_precision, interpreted, next_power_of_2
+from .paged_attention import _LOG2E, _attend_tile
 
 
 @triton.jit

@@ -31,7 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kernels._cpu_build import cpu_flags, lazy_build
+from ._cpu_build import cpu_flags, lazy_build
 
 TILE_N, TILE_K = 16, 32  # one bf16 B tile: 32 inputs x 16 output columns (1 KB)
 

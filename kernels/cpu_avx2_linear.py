@@ -29,7 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kernels._cpu_build import cpu_flags, lazy_build
+from ._cpu_build import cpu_flags, lazy_build
 
 PANEL = 16  # output columns per weight panel: two 8-lane fp32 registers
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._cpu_build import lazy_build
+from ._cpu_build import lazy_build
 
 _SOURCE = r"""
 #include <ATen/Parallel.h>

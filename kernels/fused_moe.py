@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels._utils import dot_precision, interpreted
+from ._utils import dot_precision, interpreted
 
 try:
     import triton

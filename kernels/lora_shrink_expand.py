@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import dot_precision, interpreted, next_power_of_2
+from ._utils import dot_precision, interpreted, next_power_of_2
 
 
 @triton.jit

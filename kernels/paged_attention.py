@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import dot_precision, interpreted, next_power_of_2
+from ._utils import dot_precision, interpreted, next_power_of_2
 
 _LOG2E = 1.4426950408889634
 

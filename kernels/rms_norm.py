@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import next_power_of_2
+from ._utils import next_power_of_2
 
 
 @triton.jit

@@ -9,7 +9,7 @@ import pytest
 
 import batchgen.exec.attention as attention
 from batchgen import LLM, SamplingParams
-from kernels.cpu_decode_attention import load
+from batchgen.kernels.cpu_decode_attention import load
 from tests.conftest import assert_greedy_match, hf_greedy
 
 pytestmark = pytest.mark.skipif(load() is None, reason="no C++ compiler for the CPU kernels here")

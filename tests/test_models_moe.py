@@ -96,10 +96,10 @@ def test_cpu_experts_match_reference(moe_dirs, dtype):
     """SparseMoE's CPU paths against the per-pick reference: the C++ kernel (kernels/cpu_moe.py,
     where it builds; it repacks on the first forward and drops the dense stacks), and in bf16 the
     oneDNN-packed GEMMs where oneDNN packs bf16."""
+    from batchgen.kernels import cpu_moe
+    from batchgen.kernels.fused_moe import fused_moe_ref
     from batchgen.models.moe import SparseMoE, route
     from batchgen.models.packed_linear import can_pack
-    from kernels import cpu_moe
-    from kernels.fused_moe import fused_moe_ref
 
     torch.manual_seed(0)
     moe = SparseMoE(64, 32, 8, 2, renormalize=True).to(dtype)

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels.cascade_attention import cascade_decode_attention_cpu
-from kernels.cpu_decode_attention import decode_attention as cpu_decode_attention
+from batchgen.kernels.cascade_attention import cascade_decode_attention_cpu
+from batchgen.kernels.cpu_decode_attention import decode_attention as cpu_decode_attention
 
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa came in 2.5
 

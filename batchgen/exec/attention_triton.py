@@ -1,7 +1,7 @@
 """Attention over the paged KV cache, Triton backend (CUDA; on CPU only under TRITON_INTERPRET=1).
 
 Same call as the torch backend (`batchgen.exec.attention.paged_attention`): the step's new K/V go
-into the cache with `kernels.store_kv`, then one `kernels.paged_attention` call serves the whole
+into the cache with `batchgen.kernels.store_kv`, then one `batchgen.kernels.paged_attention` call serves the whole
 mixed batch (split-K for one-token rows, tiled online softmax for chunks). It reads the per-row
 fields of AttentionMetadata (cu_seqlens_q, context_lens, block_tables), which ModelRunner.prepare
 fills when its attention_backend is "triton".
@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 
 from batchgen.exec.attention import AttentionMetadata
-from kernels._utils import interpreted as _interpreted
-from kernels.cascade_attention import cascade_decode_attention_triton
-from kernels.paged_attention import _decode_kernel
-from kernels.paged_attention import paged_attention as _paged_attention
-from kernels.store_kv import store_kv
+from batchgen.kernels._utils import interpreted as _interpreted
+from batchgen.kernels.cascade_attention import cascade_decode_attention_triton
+from batchgen.kernels.paged_attention import _decode_kernel
+from batchgen.kernels.paged_attention import paged_attention as _paged_attention
+from batchgen.kernels.store_kv import store_kv
 
 
 def interpreted() -> bool:

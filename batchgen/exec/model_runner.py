@@ -17,9 +17,9 @@ from batchgen.exec.attention import AttentionMetadata, CascadeGroups, ChunkSegme
 from batchgen.exec.prompt_logprobs import chunk_prompt_logprobs, needs_prompt_logprobs
 from batchgen.exec.rejection import verify_greedy, verify_sampled
 from batchgen.exec.sampler import Sampler, filtered_probs
+from batchgen.kernels.cpu_decode_attention import load as load_cpu_decode_kernel
 from batchgen.sched.output import ModelOutput, ScheduledRequest, SchedulerOutput, shared_prefix_groups
 from batchgen.speculative import Proposer
-from kernels.cpu_decode_attention import load as load_cpu_decode_kernel
 
 # A group must share this many KV blocks (64 tokens at block size 16) for cascade attention: below it
 # the shared pass saves less than its log-sum-exp merge with each row's own pass costs.

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from batchgen.kernels.cpu_lora import load as load_cpu_lora
+from batchgen.kernels.cpu_lora import lora_delta_
 from batchgen.lora.adapters import TARGETS, LoRAAdapter, ProjectionDims
-from kernels.cpu_lora import load as load_cpu_lora
-from kernels.cpu_lora import lora_delta_
 
 # fused projection of the model -> its targets, in output order
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
@@ -200,7 +200,7 @@ class LoRAWeights:
             raise RuntimeError(f"LoRA batch maps {batch.num_tokens} tokens, the forward has {x.shape[0]}: "
                                "call set_batch() for every forward of a model with adapters")
         if self.use_triton:
-            from kernels.lora_shrink_expand import lora_expand, lora_shrink
+            from batchgen.kernels.lora_shrink_expand import lora_expand, lora_shrink
 
             for target, offset, size in self.slices[projection]:
                 y_t = y if size == y.shape[1] else y.narrow(1, offset, size)

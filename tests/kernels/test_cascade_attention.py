@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cascade_attention import (
+from batchgen.kernels.cascade_attention import (
     cascade_decode_attention_cpu,
     cascade_decode_attention_ref,
     cascade_decode_attention_triton,
 )
-from kernels.cpu_decode_attention import decode_attention, decode_attention_ref, load
+from batchgen.kernels.cpu_decode_attention import decode_attention, decode_attention_ref, load
 
 needs_cpp = pytest.mark.skipif(load() is None, reason="no C++ compiler for the CPU kernel here")
 
@@ -133,7 +133,7 @@ def test_triton_kernel_chunks_and_no_groups(device):
     kv_cache = torch.stack([k, v]).to(device)
     ints = [t.to(torch.int32).to(device) for t in (tables, ctx, *groups)]
     ref = decode_attention_ref(q, k, v, tables, ctx, 0.3)
-    from kernels.cascade_attention_triton import cascade_decode_attention
+    from batchgen.kernels.cascade_attention_triton import cascade_decode_attention
     out = cascade_decode_attention(q.to(device), kv_cache, *ints[:2], 0.3, *ints[2:], max_group_rows=4, block_r=2)
     torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
     empty = [torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32, device=device),

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_amx_linear as amx
-from kernels import cpu_ops
+from batchgen.kernels import cpu_amx_linear as amx
+from batchgen.kernels import cpu_ops
 
 pytestmark = pytest.mark.skipif(not amx.available(), reason="this CPU (or build) has no AMX-BF16")
 

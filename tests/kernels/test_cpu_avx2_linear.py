@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_avx2_linear as avx2
+from batchgen.kernels import cpu_avx2_linear as avx2
 
 
 def _runs_here() -> bool:

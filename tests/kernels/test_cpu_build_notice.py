@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from kernels import _cpu_build
+from batchgen.kernels import _cpu_build
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,7 @@ def test_a_build_lock_left_by_a_killed_build_does_not_block_the_next(tmp_path):
     (tmp_path / name).mkdir()
     (tmp_path / name / "lock").write_bytes(b"")  # what a SIGKILLed build leaves behind
     probe = (
-        "from kernels import _cpu_build\n"
+        "from batchgen.kernels import _cpu_build\n"
         f"m = _cpu_build.build({name!r}, '#include <torch/extension.h>\\nint64_t twice(int64_t x) {{ return 2 * x; }}', ['twice'])\n"
         "assert m is not None and m.twice(21) == 42\n"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cpu_decode_attention import decode_attention, decode_attention_ref, load
+from batchgen.kernels.cpu_decode_attention import decode_attention, decode_attention_ref, load
 
 pytestmark = pytest.mark.skipif(load() is None, reason="no C++ compiler for the CPU kernel here")
 

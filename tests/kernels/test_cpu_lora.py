@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from kernels.cpu_lora import load, lora_delta_, lora_delta_ref
+from batchgen.kernels.cpu_lora import load, lora_delta_, lora_delta_ref
 from tests.kernels.test_lora_kernels import NUM_SLOTS, PATTERNS, pattern_slots
 
 pytestmark = pytest.mark.skipif(load() is None, reason="no C++ compiler for the CPU kernels here")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_moe
-from kernels.fused_moe import fused_moe_ref
+from batchgen.kernels import cpu_moe
+from batchgen.kernels.fused_moe import fused_moe_ref
 
 pytestmark = pytest.mark.skipif(cpu_moe.load() is None, reason="no C++ compiler for the CPU kernels here")
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_ops
-from kernels.rms_norm import rms_norm_ref
-from kernels.rotary import rotary_embedding_ref
+from batchgen.kernels import cpu_ops
+from batchgen.kernels.rms_norm import rms_norm_ref
+from batchgen.kernels.rotary import rotary_embedding_ref
 
 pytestmark = pytest.mark.skipif(cpu_ops.load() is None, reason="no C++ compiler for the CPU kernels here")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_moe import align_by_expert, fused_moe, fused_moe_ref, fused_moe_torch
+from batchgen.kernels.fused_moe import align_by_expert, fused_moe, fused_moe_ref, fused_moe_torch
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 

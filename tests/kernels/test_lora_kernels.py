@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from kernels.lora_shrink_expand import (
+from batchgen.kernels.lora_shrink_expand import (
     lora_expand,
     lora_expand_ref,
     lora_shrink,

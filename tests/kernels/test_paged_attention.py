@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels.paged_attention import paged_attention, paged_attention_ref
+from batchgen.kernels.paged_attention import paged_attention, paged_attention_ref
 
 # (heads, kv_heads, head_dim): GQA ratios 1, 2, 4, and 3 (non-power-of-two, as SmolLM2's 9/3)
 HEAD_CONFIGS = [(4, 4, 16), (4, 2, 32), (8, 2, 16), (6, 2, 32)]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.rms_norm import rms_norm, rms_norm_ref
+from batchgen.kernels.rms_norm import rms_norm, rms_norm_ref
 
 # bf16/fp16: the interpreter rounds fp32 -> bf16 by truncation where GPUs round to nearest even,
 # so half-precision results may differ by one unit in the last place.

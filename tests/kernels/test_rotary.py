@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.rotary import rotary_embedding, rotary_embedding_ref
+from batchgen.kernels.rotary import rotary_embedding, rotary_embedding_ref
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
 

@@ -4,9 +4,9 @@ C++ CPU decode kernel, against their torch references."""
 import pytest
 import torch
 
-from kernels.cpu_decode_attention import decode_attention, decode_attention_ref
-from kernels.cpu_decode_attention import load as load_cpu_decode
-from kernels.paged_attention import paged_attention, paged_attention_ref
+from batchgen.kernels.cpu_decode_attention import decode_attention, decode_attention_ref
+from batchgen.kernels.cpu_decode_attention import load as load_cpu_decode
+from batchgen.kernels.paged_attention import paged_attention, paged_attention_ref
 from tests.kernels.test_paged_attention import make_batch
 
 ROWS = [(1, 5), (1, 40), (7, 7), (12, 50), (1, 100), (3, 35), (20, 20)]

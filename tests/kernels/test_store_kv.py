@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.store_kv import store_kv, store_kv_ref
+from batchgen.kernels.store_kv import store_kv, store_kv_ref
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
