@@ -191,6 +191,22 @@ static inline __m512 widen_bf16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (exa
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
+// Row pointers of tokens t0..t0+n-1 (KV head kv) of a K or V cache, walked block by block: one
+// table read per block and no division per token (a 64-bit division costs more than the token's math).
+static inline void token_rows(const uint16_t* cache, const Cache& c, const int64_t* table, int64_t kv, int64_t t0,
+                              int64_t n, const uint16_t** rows) {
+  const int64_t bs = c.block_size, stride = c.kv_heads * c.d;
+  int64_t b = t0 / bs, off = t0 % bs;
+  const uint16_t* base = cache + table[b] * bs * stride + kv * c.d;
+  for (int64_t j = 0; j < n; ++j) {
+    rows[j] = base + off * stride;
+    if (++off == bs && j + 1 < n) {
+      off = 0;
+      base = cache + table[++b] * bs * stride + kv * c.d;
+    }
+  }
+}
+
 // The group's queries q [group, D] (bf16, unscaled) of KV head kv attend tokens t0..t1-1 of
 // `table`, continuing the states m, l [group], acc [group, D]. sc: scratch [group, SOFTMAX_CHUNK].
 template <int D>
@@ -202,24 +218,31 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
   constexpr int HEADS_PER_PASS = 16 / DV;
   const uint16_t* kp = static_cast<const uint16_t*>(c.k);
   const uint16_t* vp = static_cast<const uint16_t*>(c.v);
+  // The chunk's K and V rows, and the next chunk's first tile of K (prefetched while this one ends).
+  const uint16_t* krow[SOFTMAX_CHUNK + TILE];
+  const uint16_t* vrow[SOFTMAX_CHUNK];
   for (int64_t c0 = t0; c0 < t1; c0 += SOFTMAX_CHUNK) {
     const int64_t n = std::min(SOFTMAX_CHUNK, t1 - c0);
-    // Scores: tiles of 16 tokens (each token's row found through its block), 16 sums per tree.
+    const int64_t known = std::min(SOFTMAX_CHUNK + TILE, t1 - c0);  // krow entries filled
+    token_rows(kp, c, table, kv, c0, known, krow);
+    token_rows(vp, c, table, kv, c0, n, vrow);
+    // Scores: tiles of 16 tokens, 16 sums per tree.
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int64_t nt = std::min<int64_t>(16, n - j0);
-      const uint16_t* krow[16];
-      for (int64_t j = 0; j < nt; ++j) krow[j] = kp + token_offset(c, table, kv, c0 + j0 + j);
       // This tile's V (read by the P @ V loop after the chunk's scores) and the next tile's K.
-      prefetch_rows(vp, c, table, kv, c0 + j0, c0 + j0 + nt, 2 * D);
-      prefetch_rows(kp, c, table, kv, c0 + j0 + nt, std::min(c0 + j0 + nt + TILE, t1), 2 * D);
+      for (int64_t j = j0; j < j0 + nt; ++j)
+        for (int b = 0; b < 2 * D; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(vrow[j]) + b);
+      for (int64_t j = j0 + nt; j < std::min(j0 + nt + TILE, known); ++j)
+        for (int b = 0; b < 2 * D; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(krow[j]) + b);
       for (int64_t h = 0; h < group; ++h) {
         __m512bh qv[KV];
         for (int x = 0; x < KV; ++x) qv[x] = (__m512bh)_mm512_loadu_si512(q + h * D + 32 * x);
         __m512 a[16];
         for (int64_t j = 0; j < 16; ++j) {
           if (j >= nt) { a[j] = _mm512_setzero_ps(); continue; }
-          __m512 x0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(krow[j]));
-          for (int x = 1; x < KV; ++x) x0 = _mm512_dpbf16_ps(x0, qv[x], (__m512bh)_mm512_loadu_si512(krow[j] + 32 * x));
+          const uint16_t* kr = krow[j0 + j];
+          __m512 x0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(kr));
+          for (int x = 1; x < KV; ++x) x0 = _mm512_dpbf16_ps(x0, qv[x], (__m512bh)_mm512_loadu_si512(kr + 32 * x));
           a[j] = x0;
         }
         const __mmask16 valid = static_cast<__mmask16>((1u << nt) - 1u);
@@ -252,9 +275,8 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
       for (int64_t h = 0; h < nh; ++h)
         for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_loadu_ps(acc + (h0 + h) * D + 16 * x);
       for (int64_t j = 0; j < n; ++j) {
-        const uint16_t* vrow = vp + token_offset(c, table, kv, c0 + j);
         __m512 v[DV];
-        for (int x = 0; x < DV; ++x) v[x] = widen_bf16(vrow + 16 * x);
+        for (int x = 0; x < DV; ++x) v[x] = widen_bf16(vrow[j] + 16 * x);
         for (int64_t h = 0; h < nh; ++h) {
           const __m512 pj = _mm512_set1_ps(sc[(h0 + h) * SOFTMAX_CHUNK + j]);
           for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_fmadd_ps(pj, v[x], a[h * DV + x]);
