@@ -22,8 +22,12 @@ of the group). A query's 16 scores are 16 dot products whose horizontal sums are
 as one transpose-and-add tree (AVX-512), then an online softmax update. With bf16 caches on CPUs
 with AVX512-BF16 (head_dim 64 or 128) the pass instead takes its scores from the bf16 K rows with
 bf16 dot products (exact products, fp32 sums), runs the softmax once per 256 tokens, and keeps up to
-four heads' accumulators in registers while V streams by. Both passes prefetch the K and V rows
-they read next, as a row's blocks are scattered over the pool. `decode_attention_ref`
+four heads' accumulators in registers while V streams by; it walks each row's blocks once per
+softmax chunk for its K/V row pointers. On CPUs with AMX-BF16, a job of at least 16 queries (the
+shared pass: a group's members x heads) takes its scores from AMX tiles instead, transposed (K rows
+times the packed queries, 16 tokens x 16 queries a tile), and runs the softmax across each token's
+queries; `set_amx(False)` turns that off (tests compare the two). Both passes prefetch the K and V
+rows they read next, as a row's blocks are scattered over the pool. `decode_attention_ref`
 and `cascade_decode_attention_ref` (kernels/cascade_attention.py) are the torch references.
 """
 
@@ -289,10 +293,168 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
 }
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define BATCHGEN_AMX_ATTENTION 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+// The AMX pass (CPUs with AMX-BF16, groups of >= AMX_MIN_QUERIES queries: the shared-prefix pass):
+// the scores come transposed, S^T [16 tokens, 16 queries] = K rows (A tiles, read straight from the
+// block: 16 token rows, 32 bf16 each, one row stride apart) times the queries (B tiles, packed once
+// per job), 16 x 16 x 32 products per tile instruction. The softmax then runs across each token's
+// 16 queries (a vector per token: no horizontal sums), and P @ V is the bf16 pass's.
+constexpr int64_t AMX_MIN_QUERIES = 16;
+static bool amx_enabled = true;  // set_amx(false): the bf16 pass everywhere (tests compare the two)
+
+// Linux hands out AMX tile state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM).
+static bool amx_ready() {
+  static const bool ready = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1;
+    return tile && bf16 && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  }();
+  return ready;
+}
+
+// Queries q [nq, D] (bf16) as B tiles: qb[qt][x][dp][qq][e] = q[16 qt + qq][32 x + 2 dp + e], zero past nq.
+template <int D>
+static void pack_queries(const uint16_t* q, int64_t nq, uint16_t* qb) {
+  constexpr int KX = D / 32;
+  std::fill(qb, qb + (nq + 15) / 16 * KX * 512, 0);
+  for (int64_t i = 0; i < nq; ++i)
+    for (int x = 0; x < KX; ++x)
+      for (int k = 0; k < 32; ++k)
+        qb[((i / 16 * KX + x) * 16 + k / 2) * 32 + 2 * (i % 16) + k % 2] = q[i * D + 32 * x + k];
+}
+
+// Tiles: 0 = S^T (fp32 16 x 16), 1 and 6 = query tiles in turn, 2..5 = the K tile's 32-column slices.
+static void configure_attention_tiles() {
+  struct alignas(64) { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = {};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+  _tile_loadconfig(&cfg);
+}
+
+// As attend_range_bf16, for queries packed by pack_queries (qb), nq >= 1. st: scratch
+// [ceil(nq / 16), SOFTMAX_CHUNK, 16] (the chunk's S^T, then P^T); kbuf: [16, D] (a tile's K rows
+// when they are not 16 consecutive rows of one block).
+template <int D>
+static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, int64_t t0, int64_t t1,
+                             const uint16_t* qb, int64_t nq, float scale, float* m, float* l, float* acc, float* st,
+                             uint16_t* kbuf) {
+  constexpr int KX = D / 32;  // A tiles per K row
+  constexpr int DV = D / 16;  // fp32 vectors per V row / accumulator
+  constexpr int HEADS_PER_PASS = 16 / DV;
+  static_assert(KX == 2 || KX == 4, "head_dim 64 or 128");
+  const int64_t qtiles = (nq + 15) / 16, stride = c.kv_heads * c.d;
+  const uint16_t* kp = static_cast<const uint16_t*>(c.k);
+  const uint16_t* vp = static_cast<const uint16_t*>(c.v);
+  const uint16_t* krow[SOFTMAX_CHUNK + TILE];
+  const uint16_t* vrow[SOFTMAX_CHUNK];
+  configure_attention_tiles();
+  for (int64_t c0 = t0; c0 < t1; c0 += SOFTMAX_CHUNK) {
+    const int64_t n = std::min(SOFTMAX_CHUNK, t1 - c0);
+    const int64_t known = std::min(SOFTMAX_CHUNK + TILE, t1 - c0);
+    token_rows(kp, c, table, kv, c0, known, krow);
+    token_rows(vp, c, table, kv, c0, n, vrow);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t nt = std::min<int64_t>(16, n - j0);
+      for (int64_t j = j0; j < j0 + nt; ++j)
+        for (int b = 0; b < 2 * D; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(vrow[j]) + b);
+      for (int64_t j = j0 + nt; j < std::min(j0 + nt + TILE, known); ++j)
+        for (int b = 0; b < 2 * D; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(krow[j]) + b);
+      const uint16_t* a = krow[j0];
+      int64_t lda = 2 * stride;  // bytes between token rows
+      if (nt < 16 || krow[j0 + 15] != a + 15 * stride) {  // a partial tile, or one across two blocks
+        for (int64_t j = 0; j < 16; ++j) {
+          if (j < nt) std::copy(krow[j0 + j], krow[j0 + j] + D, kbuf + j * D);
+          else std::fill(kbuf + j * D, kbuf + (j + 1) * D, 0);
+        }
+        a = kbuf;
+        lda = 2 * D;
+      }
+      _tile_loadd(2, a, lda);
+      _tile_loadd(3, a + 32, lda);
+      if constexpr (KX == 4) {
+        _tile_loadd(4, a + 64, lda);
+        _tile_loadd(5, a + 96, lda);
+      }
+      for (int64_t qt = 0; qt < qtiles; ++qt) {
+        const uint16_t* b = qb + qt * KX * 512;
+        _tile_zero(0);
+        _tile_loadd(1, b, 64);
+        _tile_loadd(6, b + 512, 64);
+        _tile_dpbf16ps(0, 2, 1);
+        _tile_dpbf16ps(0, 3, 6);
+        if constexpr (KX == 4) {
+          _tile_loadd(1, b + 1024, 64);
+          _tile_loadd(6, b + 1536, 64);
+          _tile_dpbf16ps(0, 4, 1);
+          _tile_dpbf16ps(0, 5, 6);
+        }
+        _tile_stored(0, st + (qt * SOFTMAX_CHUNK + j0) * 16, 64);
+      }
+    }
+    // Softmax across each token's queries, merged with the running state: P^T overwrites S^T.
+    for (int64_t qt = 0; qt < qtiles; ++qt) {
+      float* s = st + qt * SOFTMAX_CHUNK * 16;
+      const int64_t q0 = 16 * qt, nv = std::min<int64_t>(16, nq - q0);
+      const __mmask16 valid = static_cast<__mmask16>(nv == 16 ? 0xFFFFu : (1u << nv) - 1u);
+      __m512 mx = _mm512_set1_ps(NEG_BIG);
+      for (int64_t j = 0; j < n; ++j) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + 16 * j));
+      const __m512 vscale = _mm512_set1_ps(scale);
+      const __m512 m_old = _mm512_mask_loadu_ps(_mm512_set1_ps(NEG_BIG), valid, m + q0);
+      const __m512 m_new = _mm512_max_ps(m_old, _mm512_mul_ps(mx, vscale));
+      const __m512 alpha = exp16(_mm512_sub_ps(m_old, m_new));  // 1 where the max did not move
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; ++j) {
+        const __m512 p = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + 16 * j), vscale), m_new));
+        _mm512_storeu_ps(s + 16 * j, p);
+        sum = _mm512_add_ps(sum, p);
+      }
+      const __m512 l_old = _mm512_maskz_loadu_ps(valid, l + q0);
+      _mm512_mask_storeu_ps(m + q0, valid, m_new);
+      _mm512_mask_storeu_ps(l + q0, valid, _mm512_fmadd_ps(l_old, alpha, sum));
+      alignas(64) float al[16];
+      _mm512_store_ps(al, alpha);
+      for (int64_t h = 0; h < nv; ++h) {
+        const __m512 ah = _mm512_set1_ps(al[h]);
+        for (int x = 0; x < DV; ++x)
+          _mm512_storeu_ps(acc + (q0 + h) * D + 16 * x, _mm512_mul_ps(ah, _mm512_loadu_ps(acc + (q0 + h) * D + 16 * x)));
+      }
+    }
+    // P @ V: as the bf16 pass, p of query h and token j at st[h / 16][j][h % 16].
+    for (int64_t h0 = 0; h0 < nq; h0 += HEADS_PER_PASS) {
+      const int64_t nh = std::min<int64_t>(HEADS_PER_PASS, nq - h0);
+      const float* p = st + (h0 / 16 * SOFTMAX_CHUNK) * 16 + h0 % 16;  // a pass stays within one query tile
+      __m512 a[16];
+      for (int64_t h = 0; h < nh; ++h)
+        for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_loadu_ps(acc + (h0 + h) * D + 16 * x);
+      for (int64_t j = 0; j < n; ++j) {
+        __m512 v[DV];
+        for (int x = 0; x < DV; ++x) v[x] = widen_bf16(vrow[j] + 16 * x);
+        for (int64_t h = 0; h < nh; ++h) {
+          const __m512 pj = _mm512_set1_ps(p[16 * j + h]);
+          for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_fmadd_ps(pj, v[x], a[h * DV + x]);
+        }
+      }
+      for (int64_t h = 0; h < nh; ++h)
+        for (int x = 0; x < DV; ++x) _mm512_storeu_ps(acc + (h0 + h) * D + 16 * x, a[h * DV + x]);
+    }
+  }
+}
+#endif
+
 // One thread's scratch for `attend` over up to nq queries of head_dim d.
 struct Scratch {
   std::vector<float> qf, kf, vf, s, sc;
-  Scratch(int64_t nq, int64_t d) : qf(nq * d), kf(TILE * d), vf(TILE * d), s(TILE), sc(nq * SOFTMAX_CHUNK) {}
+  std::vector<float> st;        // the AMX pass's S^T / P^T per query tile
+  std::vector<uint16_t> qb, kb; // the AMX pass's packed queries and gathered K rows
+  Scratch(int64_t nq, int64_t d)
+      : qf(nq * d), kf(TILE * d), vf(TILE * d), s(TILE), sc(nq * SOFTMAX_CHUNK),
+        st((nq + 15) / 16 * 16 * SOFTMAX_CHUNK), qb((nq + 15) / 16 * std::max<int64_t>(d / 32, 1) * 512),
+        kb(TILE * d) {}
 };
 
 // Queries q [nq, d] (as stored in the cache's dtype, unscaled) of KV head kv, each with its state
@@ -301,6 +463,15 @@ struct Scratch {
 template <typename T, int D>
 static void attend(const Cache& c, const int64_t* table, int64_t kv, int64_t t0, int64_t t1, const T* q, int64_t nq,
                    float scale, float* m, float* l, float* acc, Scratch& w) {
+#if defined(BATCHGEN_AMX_ATTENTION)
+  if constexpr (std::is_same_v<T, at::BFloat16> && (D == 64 || D == 128)) {
+    if (nq >= AMX_MIN_QUERIES && amx_enabled && amx_ready()) {
+      pack_queries<D>(reinterpret_cast<const uint16_t*>(q), nq, w.qb.data());
+      attend_range_amx<D>(c, table, kv, t0, t1, w.qb.data(), nq, scale, m, l, acc, w.st.data(), w.kb.data());
+      return;
+    }
+  }
+#endif
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, at::BFloat16> && (D == 64 || D == 128)) {
     attend_range_bf16<D>(c, table, kv, t0, t1, reinterpret_cast<const uint16_t*>(q), nq, scale, m, l, acc,
@@ -416,6 +587,17 @@ static void check_inputs(const torch::Tensor& q, const torch::Tensor& k_cache, c
     }                                                                                         \
   })
 
+// Whether the AMX pass may run (it runs where this CPU and build have AMX-BF16 tiles); returns
+// whether it can run here.
+bool set_amx(bool enabled) {
+#if defined(BATCHGEN_AMX_ATTENTION)
+  amx_enabled = enabled;
+  return amx_ready();
+#else
+  return false;
+#endif
+}
+
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                torch::Tensor block_tables, torch::Tensor ctx_lens, double scale, int64_t window) {
   check_inputs(q, k_cache, v_cache);
@@ -464,7 +646,7 @@ torch::Tensor cascade_decode_attention(torch::Tensor q, torch::Tensor k_cache, t
 }
 """
 
-load = lazy_build("batchgen_cpu_decode_attention_v5", _SOURCE, ["decode_attention", "cascade_decode_attention"])
+load = lazy_build("batchgen_cpu_decode_attention_v5", _SOURCE, ["decode_attention", "cascade_decode_attention", "set_amx"])
 
 
 def heads_contiguous(q: torch.Tensor) -> torch.Tensor:

@@ -140,3 +140,38 @@ def test_triton_kernel_chunks_and_no_groups(device):
              torch.zeros(0, dtype=torch.int32, device=device)]
     out = cascade_decode_attention(q.to(device), kv_cache, *ints[:2], 0.3, *empty, max_group_rows=0)
     torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def amx_pass():
+    """The C++ module where its AMX pass can run here (else skip); the pass is left on afterwards."""
+    module = load()
+    if module is None or not module.set_amx(True):
+        pytest.skip("no AMX-BF16 tiles on this CPU (or build)")
+    yield module
+    module.set_amx(True)
+
+
+@needs_cpp
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("block_size,shared", [(8, 37), (16, 20), (32, 3)])
+def test_cpu_amx_shared_pass_equals_the_bf16_pass_and_the_reference(amx_pass, d, block_size, shared):
+    """The shared pass on AMX tiles (groups of >= 16 queries): 17 and 40 members (query tiles left
+    partly empty), shared prefixes of 296 / 320 / 96 tokens (a partial last tile, tiles across two
+    8-token blocks, more than one softmax chunk), against the plain reference and the bf16 pass."""
+    gen = torch.Generator().manual_seed(d + block_size)
+    rows, heads, kv_heads = 57, 9, 3
+    own = -(-3 * 16 // block_size)  # each row's own blocks
+    k = torch.randn(shared + rows * own, block_size, kv_heads, d, generator=gen).to(torch.bfloat16)
+    v = torch.randn(shared + rows * own, block_size, kv_heads, d, generator=gen).to(torch.bfloat16)
+    prefix = torch.randperm(shared + rows * own, generator=gen).tolist()
+    tables = torch.tensor([prefix[:shared] + prefix[shared + r * own:shared + (r + 1) * own] for r in range(rows)])
+    ctx = shared * block_size + 1 + torch.arange(rows) % (3 * 16 - 1)
+    q = (2 * torch.randn(rows, heads, d, generator=gen)).to(torch.bfloat16)
+    groups = (torch.randperm(rows, generator=gen), torch.tensor([0, 17, rows]), torch.tensor([shared, shared - 1]))
+    out = cascade_decode_attention_cpu(q, k, v, tables, ctx, d ** -0.5, *groups)
+    torch.testing.assert_close(out.float(), decode_attention_ref(q, k, v, tables, ctx, d ** -0.5).float(),
+                               atol=2e-2, rtol=2e-2)
+    amx_pass.set_amx(False)
+    bf16_pass = cascade_decode_attention_cpu(q, k, v, tables, ctx, d ** -0.5, *groups)
+    torch.testing.assert_close(out.float(), bf16_pass.float(), atol=1e-2, rtol=1e-2)
