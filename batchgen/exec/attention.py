@@ -36,6 +36,7 @@ class ChunkSegment:
     ctx_len: int
     block_ids: torch.Tensor  # [blocks covering ctx_len]
     mask: torch.Tensor | None  # [q_len, ctx_len] bool, None when the chunk starts at position 0
+    as_rows: bool = False  # attended as one-token rows (PrefixChunks) where the layer allows
 
 
 @dataclass
@@ -59,6 +60,19 @@ class CascadeGroups:
 
 
 @dataclass
+class PrefixChunks:
+    """Chunks whose cached prefix is long against their own length (a question after a shared
+    system prompt), attended as one-token rows by the CPU cascade kernel: chunk c's tokens form
+    group c over the prefix's full blocks (one pass over them for all the chunk's tokens and heads),
+    then each token attends the rest of its causal context. The result is causal attention, as the
+    SDPA path computes it."""
+    tokens: torch.Tensor  # [n] int64: the chunks' tokens (indices into the batch)
+    block_tables: torch.Tensor  # [n, max_blocks] int64: each token's row's blocks
+    ctx_lens: torch.Tensor  # [n] int64: each token's position + 1
+    groups: CascadeGroups  # group c = chunk c's tokens (as indices into `tokens`) over its prefix blocks
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [tokens] flat slot (block * block_size + offset) of each new token
     num_single: int  # rows with one query token; they come first in the batch, shortest context first
@@ -75,6 +89,8 @@ class AttentionMetadata:
     window_masks: dict = field(default_factory=dict)
     # Shared-prefix groups among the one-token rows (ModelRunner.prepare), None: no group pays.
     cascade: CascadeGroups | None = None
+    # Chunks over long cached prefixes, as rows of the CPU cascade kernel (ModelRunner.prepare).
+    prefix_chunks: PrefixChunks | None = None
 
 
 def _sdpa(q, k, v, mask, scale, causal=False):
@@ -172,7 +188,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale)
         out[g.start:g.end] = o.view(n, heads, d)
 
+    chunks_as_rows = meta.prefix_chunks is not None and not window and not softcap
+    if chunks_as_rows:
+        p = meta.prefix_chunks
+        out[p.tokens] = cascade_decode_attention_cpu(q[p.tokens], k_cache, v_cache, p.block_tables, p.ctx_lens, scale,
+                                                     p.groups.rows, p.groups.starts, p.groups.blocks)
     for i, c in enumerate(meta.chunks):
+        if chunks_as_rows and c.as_rows:
+            continue
         keys = gather(k_cache, c.block_ids)[:c.ctx_len].transpose(0, 1)  # [kv_heads, ctx, d]
         vals = gather(v_cache, c.block_ids)[:c.ctx_len].transpose(0, 1)
         qc = q[c.q_start:c.q_start + c.q_len].transpose(0, 1)  # [heads, q_len, d]

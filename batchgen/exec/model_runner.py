@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from batchgen.cache.kv_manager import cdiv
-from batchgen.exec.attention import AttentionMetadata, CascadeGroups, ChunkSegment, SingleGroup
+from batchgen.exec.attention import AttentionMetadata, CascadeGroups, ChunkSegment, PrefixChunks, SingleGroup
 from batchgen.exec.prompt_logprobs import chunk_prompt_logprobs, needs_prompt_logprobs
 from batchgen.exec.rejection import verify_greedy, verify_sampled
 from batchgen.exec.sampler import Sampler, filtered_probs
@@ -80,6 +80,8 @@ class ModelRunner:
             meta.single_groups = self._single_groups(starts[:num_single], tables)
             meta.chunks = [self._chunk(int(first_token[i]), starts[i], lens[i], tables[i])
                            for i in range(num_single, len(rows))]
+            if self.cascade_min_blocks and self.cpu_decode_kernel:
+                meta.prefix_chunks = self._prefix_chunks(meta.chunks, tables[num_single:])
         if self.cascade_min_blocks and (self.attention_backend == "triton" or self.cpu_decode_kernel):
             meta.cascade = self._cascade(rows[:num_single])
         last_token = (first_token + lens_t - 1)[[i for i, r in enumerate(rows) if r.sample]]  # [sampled rows]
@@ -95,6 +97,29 @@ class ModelRunner:
         dtype = torch.int32 if self.attention_backend == "triton" else torch.long
         return CascadeGroups(self._tensor(g_rows, dtype), self._tensor(g_starts, dtype), self._tensor(g_blocks, dtype),
                              max(b - a for a, b in zip(g_starts, g_starts[1:])))
+
+    def _prefix_chunks(self, chunks: list[ChunkSegment], tables: torch.Tensor) -> PrefixChunks | None:
+        """Torch backend on CPU: the chunks whose cached prefix holds >= cascade_min_blocks full
+        blocks and at least as many tokens as the chunk itself (marked as_rows), None when none."""
+        bs = self.block_size
+        picked = [i for i, c in enumerate(chunks) if (c.ctx_len - c.q_len) // bs >= self.cascade_min_blocks
+                  and c.q_len <= c.ctx_len - c.q_len]
+        if not picked:
+            return None
+        tokens, ctx, table_rows, starts, blocks = [], [], [], [0], []
+        for i in picked:
+            c = chunks[i]
+            c.as_rows = True
+            start = c.ctx_len - c.q_len
+            tokens.extend(range(c.q_start, c.q_start + c.q_len))
+            ctx.extend(range(start + 1, c.ctx_len + 1))
+            table_rows.extend([i] * c.q_len)
+            starts.append(len(tokens))
+            blocks.append(start // bs)
+        n = len(tokens)
+        return PrefixChunks(self._tensor(tokens), tables[table_rows].to(self.device), self._tensor(ctx),
+                            CascadeGroups(torch.arange(n, device=self.device), self._tensor(starts),
+                                          self._tensor(blocks), max(b - a for a, b in zip(starts, starts[1:]))))
 
     def _single_groups(self, starts: list[int], tables: torch.Tensor) -> list[SingleGroup]:
         """Torch backend: the one-token rows (positions `starts`, shortest context first)."""
