@@ -24,9 +24,10 @@ with AVX512-BF16 (head_dim 64 or 128) the pass instead takes its scores from the
 bf16 dot products (exact products, fp32 sums), runs the softmax once per 256 tokens, and keeps up to
 four heads' accumulators in registers while V streams by; it walks each row's blocks once per
 softmax chunk for its K/V row pointers. On CPUs with AMX-BF16, a job of at least 16 queries (the
-shared pass: a group's members x heads) takes its scores from AMX tiles instead, transposed (K rows
-times the packed queries, 16 tokens x 16 queries a tile), and runs the softmax across each token's
-queries; `set_amx(False)` turns that off (tests compare the two). Both passes prefetch the K and V
+shared pass: a group's members x heads) runs on AMX tiles instead: scores transposed (K rows
+times the packed queries, 16 tokens x 16 queries a tile), the softmax across each token's queries,
+then P (rounded to bf16, as GPU flash attention does) times V in pairs of tokens into 16 x 16
+accumulator tiles; `set_amx(False)` turns that off (tests compare the two). Both passes prefetch the K and V
 rows they read next, as a row's blocks are scattered over the pool. `decode_attention_ref`
 and `cascade_decode_attention_ref` (kernels/cascade_attention.py) are the torch references.
 """
@@ -302,7 +303,7 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
 // the scores come transposed, S^T [16 tokens, 16 queries] = K rows (A tiles, read straight from the
 // block: 16 token rows, 32 bf16 each, one row stride apart) times the queries (B tiles, packed once
 // per job), 16 x 16 x 32 products per tile instruction. The softmax then runs across each token's
-// 16 queries (a vector per token: no horizontal sums), and P @ V is the bf16 pass's.
+// 16 queries (a vector per token: no horizontal sums), and P @ V runs on tiles too.
 constexpr int64_t AMX_MIN_QUERIES = 16;
 static bool amx_enabled = true;  // set_amx(false): the bf16 pass everywhere (tests compare the two)
 
@@ -336,18 +337,54 @@ static void configure_attention_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-// As attend_range_bf16, for queries packed by pack_queries (qb), nq >= 1. st: scratch
-// [ceil(nq / 16), SOFTMAX_CHUNK, 16] (the chunk's S^T, then P^T); kbuf: [16, D] (a tile's K rows
-// when they are not 16 consecutive rows of one block).
+// (a0, b0, a1, b1, ...): the 16-bit lanes of [a (16) | b (16)] interleaved, as VNNI pairs.
+static inline __m512i pair_index() {
+  return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                          23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+}
+
+// x[i] lane j <- x[j] lane i (32-bit lanes): 4x4 transposes within 128-bit lanes, then the lanes.
+static inline void transpose16x16(__m512i* x) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(x[i], x[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(x[i], x[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    x[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    x[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    x[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    x[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(x[i], x[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(x[i], x[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_i32x4(x[i + 8], x[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(x[i + 8], x[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    x[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    x[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    x[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+    x[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
+// As attend_range_bf16, for queries packed by pack_queries (qb), nq >= 1, P rounded to bf16 for
+// P @ V (as GPU flash attention does). Scratch: st [ceil(nq / 16), SOFTMAX_CHUNK, 16] (the chunk's
+// S^T, then P^T); kbuf [16, D] (a tile's K rows when they are not 16 consecutive rows of one block);
+// accp [ceil(nq / 16) * 16, D] (the accumulators, padded to whole tiles); vb [SOFTMAX_CHUNK / 32,
+// D / 16, 16, 32] (V's token pairs); pa [SOFTMAX_CHUNK / 32, 16, 32] (one query tile's P).
 template <int D>
 static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, int64_t t0, int64_t t1,
                              const uint16_t* qb, int64_t nq, float scale, float* m, float* l, float* acc, float* st,
-                             uint16_t* kbuf) {
+                             uint16_t* kbuf, float* accp, uint16_t* vb, uint16_t* pa) {
   constexpr int KX = D / 32;  // A tiles per K row
-  constexpr int DV = D / 16;  // fp32 vectors per V row / accumulator
-  constexpr int HEADS_PER_PASS = 16 / DV;
+  constexpr int DV = D / 16;  // fp32 vectors per V row / accumulator; output tiles per query tile
   static_assert(KX == 2 || KX == 4, "head_dim 64 or 128");
   const int64_t qtiles = (nq + 15) / 16, stride = c.kv_heads * c.d;
+  std::copy(acc, acc + nq * D, accp);
+  std::fill(accp + nq * D, accp + qtiles * 16 * D, 0.f);
   const uint16_t* kp = static_cast<const uint16_t*>(c.k);
   const uint16_t* vp = static_cast<const uint16_t*>(c.v);
   const uint16_t* krow[SOFTMAX_CHUNK + TILE];
@@ -409,7 +446,7 @@ static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, i
       const __m512 alpha = exp16(_mm512_sub_ps(m_old, m_new));  // 1 where the max did not move
       __m512 sum = _mm512_setzero_ps();
       for (int64_t j = 0; j < n; ++j) {
-        const __m512 p = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + 16 * j), vscale), m_new));
+        const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + 16 * j), vscale), m_new)));
         _mm512_storeu_ps(s + 16 * j, p);
         sum = _mm512_add_ps(sum, p);
       }
@@ -421,40 +458,74 @@ static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, i
       for (int64_t h = 0; h < nv; ++h) {
         const __m512 ah = _mm512_set1_ps(al[h]);
         for (int x = 0; x < DV; ++x)
-          _mm512_storeu_ps(acc + (q0 + h) * D + 16 * x, _mm512_mul_ps(ah, _mm512_loadu_ps(acc + (q0 + h) * D + 16 * x)));
+          _mm512_storeu_ps(accp + (q0 + h) * D + 16 * x, _mm512_mul_ps(ah, _mm512_loadu_ps(accp + (q0 + h) * D + 16 * x)));
       }
     }
-    // P @ V: as the bf16 pass, p of query h and token j at st[h / 16][j][h % 16].
-    for (int64_t h0 = 0; h0 < nq; h0 += HEADS_PER_PASS) {
-      const int64_t nh = std::min<int64_t>(HEADS_PER_PASS, nq - h0);
-      const float* p = st + (h0 / 16 * SOFTMAX_CHUNK) * 16 + h0 % 16;  // a pass stays within one query tile
-      __m512 a[16];
-      for (int64_t h = 0; h < nh; ++h)
-        for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_loadu_ps(acc + (h0 + h) * D + 16 * x);
-      for (int64_t j = 0; j < n; ++j) {
-        __m512 v[DV];
-        for (int x = 0; x < DV; ++x) v[x] = widen_bf16(vrow[j] + 16 * x);
-        for (int64_t h = 0; h < nh; ++h) {
-          const __m512 pj = _mm512_set1_ps(p[16 * j + h]);
-          for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_fmadd_ps(pj, v[x], a[h * DV + x]);
+    // P @ V on tiles: O [16 queries, 16 dims] += P [16 queries, 32 tokens] (bf16) x V in pairs of
+    // tokens (B tiles, built once per chunk for every query tile), into each query's accumulator row.
+    const int64_t steps = (n + 31) / 32;
+    for (int64_t s = 0; s < steps; ++s)
+      for (int64_t tp = 0; tp < 16; ++tp) {
+        const int64_t t = 32 * s + 2 * tp;
+        for (int dt = 0; dt < DV; ++dt) {
+          const __m256i r0 = t < n ? _mm256_loadu_si256((const __m256i*)(vrow[t] + 16 * dt)) : _mm256_setzero_si256();
+          const __m256i r1 = t + 1 < n ? _mm256_loadu_si256((const __m256i*)(vrow[t + 1] + 16 * dt)) : _mm256_setzero_si256();
+          const __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1);
+          _mm512_storeu_si512(vb + ((s * DV + dt) * 16 + tp) * 32, _mm512_permutexvar_epi16(pair_index(), x));
         }
       }
-      for (int64_t h = 0; h < nh; ++h)
-        for (int x = 0; x < DV; ++x) _mm512_storeu_ps(acc + (h0 + h) * D + 16 * x, a[h * DV + x]);
+    for (int64_t qt = 0; qt < qtiles; ++qt) {
+      const float* pt = st + qt * SOFTMAX_CHUNK * 16;  // P^T [tokens, 16 queries]
+      for (int64_t s = 0; s < steps; ++s) {  // A tiles: P^T's token pairs as dwords, transposed
+        __m512i x[16];
+        for (int64_t tp = 0; tp < 16; ++tp) {
+          const int64_t t = 32 * s + 2 * tp;
+          const __m512 p0 = t < n ? _mm512_loadu_ps(pt + 16 * t) : _mm512_setzero_ps();
+          const __m512 p1 = t + 1 < n ? _mm512_loadu_ps(pt + 16 * (t + 1)) : _mm512_setzero_ps();
+          x[tp] = _mm512_permutexvar_epi16(pair_index(), (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+        }
+        transpose16x16(x);
+        for (int64_t r = 0; r < 16; ++r) _mm512_storeu_si512(pa + (s * 16 + r) * 32, x[r]);
+      }
+      float* o = accp + qt * 16 * D;  // [16 queries, D]
+      for (int dg = 0; dg < DV; dg += 4) {  // 4 accumulator tiles at a time
+        _tile_loadd(0, o + 16 * dg, 4 * D);
+        _tile_loadd(1, o + 16 * (dg + 1), 4 * D);
+        _tile_loadd(2, o + 16 * (dg + 2), 4 * D);
+        _tile_loadd(3, o + 16 * (dg + 3), 4 * D);
+        for (int64_t s = 0; s < steps; ++s) {
+          const uint16_t* b = vb + (s * DV + dg) * 512;
+          _tile_loadd(4, pa + s * 512, 64);
+          _tile_loadd(5, b, 64);
+          _tile_loadd(6, b + 512, 64);
+          _tile_dpbf16ps(0, 4, 5);
+          _tile_dpbf16ps(1, 4, 6);
+          _tile_loadd(5, b + 1024, 64);
+          _tile_loadd(6, b + 1536, 64);
+          _tile_dpbf16ps(2, 4, 5);
+          _tile_dpbf16ps(3, 4, 6);
+        }
+        _tile_stored(0, o + 16 * dg, 4 * D);
+        _tile_stored(1, o + 16 * (dg + 1), 4 * D);
+        _tile_stored(2, o + 16 * (dg + 2), 4 * D);
+        _tile_stored(3, o + 16 * (dg + 3), 4 * D);
+      }
     }
   }
+  std::copy(accp, accp + nq * D, acc);
 }
 #endif
 
 // One thread's scratch for `attend` over up to nq queries of head_dim d.
 struct Scratch {
   std::vector<float> qf, kf, vf, s, sc;
-  std::vector<float> st;        // the AMX pass's S^T / P^T per query tile
-  std::vector<uint16_t> qb, kb; // the AMX pass's packed queries and gathered K rows
+  std::vector<float> st, accp;           // the AMX pass's S^T / P^T and accumulators, per query tile
+  std::vector<uint16_t> qb, kb, vb, pa;  // its packed queries, gathered K rows, V pairs and P tiles
   Scratch(int64_t nq, int64_t d)
       : qf(nq * d), kf(TILE * d), vf(TILE * d), s(TILE), sc(nq * SOFTMAX_CHUNK),
-        st((nq + 15) / 16 * 16 * SOFTMAX_CHUNK), qb((nq + 15) / 16 * std::max<int64_t>(d / 32, 1) * 512),
-        kb(TILE * d) {}
+        st((nq + 15) / 16 * 16 * SOFTMAX_CHUNK), accp((nq + 15) / 16 * 16 * d),
+        qb((nq + 15) / 16 * std::max<int64_t>(d / 32, 1) * 512), kb(TILE * d), vb(SOFTMAX_CHUNK * d),
+        pa(SOFTMAX_CHUNK * 16) {}
 };
 
 // Queries q [nq, d] (as stored in the cache's dtype, unscaled) of KV head kv, each with its state
@@ -467,7 +538,8 @@ static void attend(const Cache& c, const int64_t* table, int64_t kv, int64_t t0,
   if constexpr (std::is_same_v<T, at::BFloat16> && (D == 64 || D == 128)) {
     if (nq >= AMX_MIN_QUERIES && amx_enabled && amx_ready()) {
       pack_queries<D>(reinterpret_cast<const uint16_t*>(q), nq, w.qb.data());
-      attend_range_amx<D>(c, table, kv, t0, t1, w.qb.data(), nq, scale, m, l, acc, w.st.data(), w.kb.data());
+      attend_range_amx<D>(c, table, kv, t0, t1, w.qb.data(), nq, scale, m, l, acc, w.st.data(), w.kb.data(),
+                          w.accp.data(), w.vb.data(), w.pa.data());
       return;
     }
   }

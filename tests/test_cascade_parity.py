@@ -1,43 +1,76 @@
 """Cascade (shared-prefix) attention end to end: rows over a few shared system prompts generate
-HF's greedy tokens on the embedded model, and the cascade kernel really ran on grouped rows."""
+HF's greedy tokens on the embedded model, the cascade kernel really ran on grouped decode rows, and
+the questions after a cached system prompt were attended as one-token rows (PrefixChunks)."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
+import torch
 
 import batchgen.exec.attention as attention
 from batchgen import LLM, SamplingParams
+from batchgen.exec.model_runner import ModelRunner
 from batchgen.kernels.cpu_decode_attention import load
-from tests.conftest import assert_greedy_match, hf_greedy
+from tests.conftest import assert_bf16_greedy_match, assert_greedy_match, hf_greedy
 
 pytestmark = pytest.mark.skipif(load() is None, reason="no C++ compiler for the CPU kernels here")
 
 
-def _prompts() -> list[list[int]]:
+def _prompts(rows: int = 6) -> list[list[int]]:
     rng = random.Random(11)
     systems = [[rng.randrange(100, 20000) for _ in range(n)] for n in (70, 100)]  # 4 and 6 full blocks
-    prompts = [systems[i % 2] + [rng.randrange(100, 20000) for _ in range(rng.randint(1, 12))] for i in range(6)]
+    prompts = [systems[i % 2] + [rng.randrange(100, 20000) for _ in range(rng.randint(1, 12))] for i in range(rows)]
     rng.shuffle(prompts)
     return prompts
 
 
-def test_shared_prefix_rows_match_hf_through_cascade(smol_dir, monkeypatch):
-    calls = []
-    real = attention.cascade_decode_attention_cpu
+def _spy(monkeypatch) -> tuple[list, list]:
+    """(calls of the cascade kernel as (rows, groups), the PrefixChunks the runner built)."""
+    calls, prefix_chunks = [], []
+    real_kernel, real_prefix_chunks = attention.cascade_decode_attention_cpu, ModelRunner._prefix_chunks
 
     def counting(q, *args):  # the real kernel, counted
         calls.append((q.shape[0], len(args[-1])))
-        return real(q, *args)
+        return real_kernel(q, *args)
+
+    def recording(self, *args):
+        out = real_prefix_chunks(self, *args)
+        if out is not None:
+            prefix_chunks.append(out)
+        return out
 
     monkeypatch.setattr(attention, "cascade_decode_attention_cpu", counting)
+    monkeypatch.setattr(ModelRunner, "_prefix_chunks", recording)
+    return calls, prefix_chunks
+
+
+def test_shared_prefix_rows_match_hf_through_cascade(smol_dir, monkeypatch):
+    calls, prefix_chunks = _spy(monkeypatch)
     prompts = _prompts()
     llm = LLM(smol_dir, dtype="float32")  # cascade_attention is on by default
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     ours = [o.outputs[0].token_ids for o in outs]
-    assert calls and max(groups for _, groups in calls) == 2  # both system prompts grouped in some step
+    assert 2 in {groups for _, groups in calls}  # a decode step grouped the rows of both system prompts
+    assert prefix_chunks  # questions after a cached system prompt attended it as one-token rows
     assert_greedy_match(smol_dir, prompts, ours, hf_greedy(smol_dir, prompts, 8))
+
+
+def test_shared_prefix_rows_bf16_match_hf_bf16(smol_dir, monkeypatch):
+    """bf16: 8 rows per system prompt, so a group holds >= 16 queries per KV head and the shared
+    pass runs on AMX tiles where the CPU has them (P rounded to bf16); divergences only at bf16 ties."""
+    from transformers import AutoModelForCausalLM
+
+    calls, prefix_chunks = _spy(monkeypatch)
+    prompts = _prompts(16)
+    llm = LLM(smol_dir, dtype="bfloat16")
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert 2 in {groups for _, groups in calls} and prefix_chunks
+    hf = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.bfloat16).eval()
+    ours = [o.outputs[0].token_ids for o in outs]
+    exact = assert_bf16_greedy_match(hf, prompts, ours, hf_greedy(None, prompts, 8, model=hf))
+    assert exact >= len(prompts) // 2
 
 
 

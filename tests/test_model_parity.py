@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from batchgen import LLM, SamplingParams
-from tests.conftest import TINY_ARCHS, assert_greedy_match, hf_greedy
+from tests.conftest import TINY_ARCHS, assert_bf16_greedy_match, assert_greedy_match, hf_greedy
 
 MAX_NEW = 12
 
@@ -92,10 +92,8 @@ def test_embedded_smollm2_matches_hf(engine, smol_dir, smol_reference):
 @pytest.mark.slow
 def test_embedded_smollm2_bf16_matches_hf_bf16(smol_dir):
     """bf16 on CPU (packed linears: the AMX kernel where the CPU has AMX, else oneDNN; the C++ fused
-    ops, greedy argmax on bf16 logits) against HF bf16 `generate`. bf16 logits are coarse (one ulp is
-    0.125-0.25 at this model's logit sizes), so a divergence is accepted only where HF's own bf16
-    logits put our token within two ulps of its choice: a tie at bf16 precision, which round-off
-    decides either way. With oneDNN's GEMMs (HF's own) 7 of the 8 rows match token for token; the AMX
+    ops, greedy argmax on bf16 logits) against HF bf16 `generate`, divergences only at bf16 ties
+    (assert_bf16_greedy_match). With oneDNN's GEMMs (HF's own) 7 of the 8 rows match token for token; the AMX
     kernel sums in another order, which rounds about 1 in 10^4 projection outputs the other way, and
     4-5 rows match (every divergence a tie)."""
     from transformers import AutoModelForCausalLM
@@ -108,17 +106,5 @@ def test_embedded_smollm2_bf16_matches_hf_bf16(smol_dir):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ours = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     hf = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.bfloat16).eval()
-    theirs = hf_greedy(None, prompts, 24, model=hf)
-    exact = 0
-    for i, (prompt, a, b) in enumerate(zip(prompts, ours, theirs)):
-        if a == b:
-            exact += 1
-            continue
-        k = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
-        with torch.no_grad():
-            logits = hf(torch.tensor([prompt + b[:k]])).logits[0, -1].float()
-        ulp = 2.0 ** (torch.floor(torch.log2(logits.max().abs())) - 7)  # bf16: 8 significant bits
-        assert logits[b[k]] - logits[a[k]] <= 2 * ulp, (
-            f"prompt {i}: diverges at token {k} ({a[k]} vs HF {b[k]}), "
-            f"{float(logits[b[k]] - logits[a[k]]):.3f} apart in HF's bf16 logits, more than two ulps")
+    exact = assert_bf16_greedy_match(hf, prompts, ours, hf_greedy(None, prompts, 24, model=hf))
     assert exact >= len(prompts) // 2  # ties are rare: at least half the rows match token for token
