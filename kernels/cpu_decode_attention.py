@@ -378,7 +378,8 @@ static inline void transpose16x16(__m512i* x) {
 template <int D>
 static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, int64_t t0, int64_t t1,
                              const uint16_t* qb, int64_t nq, float scale, float* m, float* l, float* acc, float* st,
-                             uint16_t* kbuf, float* accp, uint16_t* vb, uint16_t* pa) {
+                             uint16_t* kbuf, float* accp, uint16_t* vb, uint16_t* pa,
+                             const int32_t* qpos = nullptr) {
   constexpr int KX = D / 32;  // A tiles per K row
   constexpr int DV = D / 16;  // fp32 vectors per V row / accumulator; output tiles per query tile
   static_assert(KX == 2 || KX == 4, "head_dim 64 or 128");
@@ -438,15 +439,21 @@ static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, i
       float* s = st + qt * SOFTMAX_CHUNK * 16;
       const int64_t q0 = 16 * qt, nv = std::min<int64_t>(16, nq - q0);
       const __mmask16 valid = static_cast<__mmask16>(nv == 16 ? 0xFFFFu : (1u << nv) - 1u);
+      // Causal (qpos given): query lane i sees token t only where t <= qpos[q0 + i].
+      const __m512i pos = qpos ? _mm512_mask_loadu_epi32(_mm512_set1_epi32(INT32_MAX), valid, qpos + q0)
+                               : _mm512_set1_epi32(INT32_MAX);
+      auto sees = [&](int64_t j) {
+        return static_cast<__mmask16>(valid & _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32(static_cast<int32_t>(c0 + j))));
+      };
       __m512 mx = _mm512_set1_ps(NEG_BIG);
-      for (int64_t j = 0; j < n; ++j) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + 16 * j));
+      for (int64_t j = 0; j < n; ++j) mx = _mm512_mask_max_ps(mx, sees(j), mx, _mm512_loadu_ps(s + 16 * j));
       const __m512 vscale = _mm512_set1_ps(scale);
       const __m512 m_old = _mm512_mask_loadu_ps(_mm512_set1_ps(NEG_BIG), valid, m + q0);
       const __m512 m_new = _mm512_max_ps(m_old, _mm512_mul_ps(mx, vscale));
       const __m512 alpha = exp16(_mm512_sub_ps(m_old, m_new));  // 1 where the max did not move
       __m512 sum = _mm512_setzero_ps();
       for (int64_t j = 0; j < n; ++j) {
-        const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + 16 * j), vscale), m_new)));
+        const __m512 p = _mm512_maskz_mov_ps(sees(j), exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + 16 * j), vscale), m_new)));
         _mm512_storeu_ps(s + 16 * j, p);
         sum = _mm512_add_ps(sum, p);
       }
@@ -670,6 +677,84 @@ bool set_amx(bool enabled) {
 #endif
 }
 
+#if defined(BATCHGEN_AMX_ATTENTION)
+// Prefill chunks, causal, on AMX tiles: a job is (chunk, up to CHUNK_TOKENS of its query tokens, KV
+// head), its queries those tokens x the KV head's query heads, attending tokens 0 .. its last
+// position, each query masked to tokens <= its own position. Writes the chunks' rows of out.
+template <int D>
+static void chunk_rows(const torch::Tensor& q, const Cache& c, const int64_t* q_starts, const int64_t* q_lens,
+                       const int64_t* pos0, int64_t num_chunks, double scale, torch::Tensor& out) {
+  constexpr int64_t CHUNK_TOKENS = 32;
+  const int64_t heads = q.size(1), group = heads / c.kv_heads, sq = q.stride(0), so = out.stride(0);
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  std::vector<int64_t> jobs;  // (chunk, first query token) pairs, flattened
+  for (int64_t ch = 0; ch < num_chunks; ++ch)
+    for (int64_t i0 = 0; i0 < q_lens[ch]; i0 += CHUNK_TOKENS) { jobs.push_back(ch); jobs.push_back(i0); }
+  const int64_t num_jobs = static_cast<int64_t>(jobs.size() / 2);
+  at::parallel_for(0, num_jobs * c.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    const int64_t max_q = CHUNK_TOKENS * group;
+    std::vector<uint16_t> qg(max_q * D);
+    std::vector<float> acc(max_q * D), m(max_q), l(max_q);
+    std::vector<int32_t> qpos(max_q);
+    Scratch w(max_q, D);
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t ch = jobs[2 * (job / c.kv_heads)], i0 = jobs[2 * (job / c.kv_heads) + 1];
+      const int64_t kv = job % c.kv_heads, h0 = kv * group;
+      const int64_t ntok = std::min(CHUNK_TOKENS, q_lens[ch] - i0), nq = ntok * group;
+      for (int64_t i = 0; i < ntok; ++i) {
+        const uint16_t* src = qp + (q_starts[ch] + i0 + i) * sq + h0 * D;
+        std::copy(src, src + group * D, qg.data() + i * group * D);
+        for (int64_t gh = 0; gh < group; ++gh) qpos[i * group + gh] = static_cast<int32_t>(pos0[ch] + i0 + i);
+      }
+      std::fill(m.begin(), m.begin() + nq, NEG_BIG);
+      std::fill(l.begin(), l.begin() + nq, 0.f);
+      std::fill(acc.begin(), acc.begin() + nq * D, 0.f);
+      pack_queries<D>(qg.data(), nq, w.qb.data());
+      attend_range_amx<D>(c, c.tables + ch * c.max_blocks, kv, 0, pos0[ch] + i0 + ntok, w.qb.data(), nq,
+                          static_cast<float>(scale), m.data(), l.data(), acc.data(), w.st.data(), w.kb.data(),
+                          w.accp.data(), w.vb.data(), w.pa.data(), qpos.data());
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        const float inv = 1.f / l[qi];
+        for (int64_t x = 0; x < D; ++x) acc[qi * D + x] *= inv;
+      }
+      for (int64_t i = 0; i < ntok; ++i)
+        store_row(acc.data() + i * group * D, op + (q_starts[ch] + i0 + i) * so + h0 * D, group * D);
+    }
+  });
+}
+#endif
+
+bool amx_available() {
+#if defined(BATCHGEN_AMX_ATTENTION)
+  return amx_enabled && amx_ready();
+#else
+  return false;
+#endif
+}
+
+// Causal attention of prefill chunks into their rows of out (see chunk_attention in Python).
+void chunk_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
+                     torch::Tensor q_starts, torch::Tensor q_lens, torch::Tensor positions, double scale,
+                     torch::Tensor out) {
+  check_inputs(q, k_cache, v_cache);
+  TORCH_CHECK(amx_available() && q.scalar_type() == at::kBFloat16 && (q.size(2) == 64 || q.size(2) == 128),
+              "chunk_attention needs AMX-BF16 tiles, bf16 and head_dim 64 or 128");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.sizes() == q.sizes() && out.stride(2) == 1 &&
+              out.stride(1) == q.size(2), "out: [tokens, heads, head_dim], each row's heads contiguous");
+#if defined(BATCHGEN_AMX_ATTENTION)
+  auto tables = block_tables.to(torch::kInt64).contiguous();
+  auto starts = q_starts.to(torch::kInt64).contiguous();
+  auto lens = q_lens.to(torch::kInt64).contiguous();
+  auto pos = positions.to(torch::kInt64).contiguous();
+  const Cache c = make_cache(k_cache, v_cache, tables);
+  if (q.size(2) == 64)
+    chunk_rows<64>(q, c, starts.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), lens.size(0), scale, out);
+  else
+    chunk_rows<128>(q, c, starts.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), lens.size(0), scale, out);
+#endif
+}
+
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                torch::Tensor block_tables, torch::Tensor ctx_lens, double scale, int64_t window) {
   check_inputs(q, k_cache, v_cache);
@@ -718,7 +803,25 @@ torch::Tensor cascade_decode_attention(torch::Tensor q, torch::Tensor k_cache, t
 }
 """
 
-load = lazy_build("batchgen_cpu_decode_attention_v5", _SOURCE, ["decode_attention", "cascade_decode_attention", "set_amx"])
+load = lazy_build("batchgen_cpu_decode_attention_v5", _SOURCE,
+                  ["decode_attention", "cascade_decode_attention", "chunk_attention", "amx_available", "set_amx"])
+
+
+def amx_available() -> bool:
+    """Whether the AMX passes run here (built, AMX-BF16 tiles granted, not switched off by set_amx)."""
+    module = load()
+    return module is not None and bool(module.amx_available())
+
+
+def chunk_attention(q, k_cache, v_cache, block_tables, q_starts, q_lens, positions, scale: float,
+                    out: torch.Tensor) -> None:
+    """Causal attention of prefill chunks on AMX tiles (bf16, head_dim 64 or 128, amx_available()),
+    written into their rows of out [tokens, heads, d]. Chunk c's queries are q[q_starts[c] :
+    q_starts[c] + q_lens[c]], at positions positions[c] ..; each attends tokens 0 .. its own
+    position of block_tables[c] (its own K/V already in the cache). As decode_attention_ref with one
+    row per query token (ctx = position + 1, the chunk's table)."""
+    load().chunk_attention(heads_contiguous(q), k_cache, v_cache, block_tables, q_starts, q_lens, positions, scale,
+                           out)
 
 
 def heads_contiguous(q: torch.Tensor) -> torch.Tensor:

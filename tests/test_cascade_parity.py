@@ -12,7 +12,7 @@ import torch
 import batchgen.exec.attention as attention
 from batchgen import LLM, SamplingParams
 from batchgen.exec.model_runner import ModelRunner
-from batchgen.kernels.cpu_decode_attention import load
+from batchgen.kernels.cpu_decode_attention import amx_available, load
 from tests.conftest import assert_bf16_greedy_match, assert_greedy_match, hf_greedy
 
 pytestmark = pytest.mark.skipif(load() is None, reason="no C++ compiler for the CPU kernels here")
@@ -26,9 +26,11 @@ def _prompts(rows: int = 6) -> list[list[int]]:
     return prompts
 
 
-def _spy(monkeypatch) -> tuple[list, list]:
-    """(calls of the cascade kernel as (rows, groups), the PrefixChunks the runner built)."""
-    calls, prefix_chunks = [], []
+def _spy(monkeypatch) -> tuple[list, list, list]:
+    """(calls of the cascade kernel as (rows, groups), the PrefixChunks the runner built, calls of the
+    AMX chunk kernel)."""
+    calls, prefix_chunks, chunk_calls = [], [], []
+    real_chunk_kernel = attention.cpu_chunk_attention
     real_kernel, real_prefix_chunks = attention.cascade_decode_attention_cpu, ModelRunner._prefix_chunks
 
     def counting(q, *args):  # the real kernel, counted
@@ -41,13 +43,18 @@ def _spy(monkeypatch) -> tuple[list, list]:
             prefix_chunks.append(out)
         return out
 
+    def counting_chunks(*args):
+        chunk_calls.append(args[4].shape[0])  # the chunks
+        return real_chunk_kernel(*args)
+
     monkeypatch.setattr(attention, "cascade_decode_attention_cpu", counting)
     monkeypatch.setattr(ModelRunner, "_prefix_chunks", recording)
-    return calls, prefix_chunks
+    monkeypatch.setattr(attention, "cpu_chunk_attention", counting_chunks)
+    return calls, prefix_chunks, chunk_calls
 
 
 def test_shared_prefix_rows_match_hf_through_cascade(smol_dir, monkeypatch):
-    calls, prefix_chunks = _spy(monkeypatch)
+    calls, prefix_chunks, _ = _spy(monkeypatch)
     prompts = _prompts()
     llm = LLM(smol_dir, dtype="float32")  # cascade_attention is on by default
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -59,14 +66,16 @@ def test_shared_prefix_rows_match_hf_through_cascade(smol_dir, monkeypatch):
 
 def test_shared_prefix_rows_bf16_match_hf_bf16(smol_dir, monkeypatch):
     """bf16: 8 rows per system prompt, so a group holds >= 16 queries per KV head and the shared
-    pass runs on AMX tiles where the CPU has them (P rounded to bf16); divergences only at bf16 ties."""
+    pass runs on AMX tiles where the CPU has them (P rounded to bf16), as do the prefill chunks
+    (elsewhere: the bf16 pass and PrefixChunks); divergences only at bf16 ties."""
     from transformers import AutoModelForCausalLM
 
-    calls, prefix_chunks = _spy(monkeypatch)
+    calls, prefix_chunks, chunk_calls = _spy(monkeypatch)
     prompts = _prompts(16)
     llm = LLM(smol_dir, dtype="bfloat16")
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    assert 2 in {groups for _, groups in calls} and prefix_chunks
+    assert 2 in {groups for _, groups in calls}
+    assert (chunk_calls and not prefix_chunks) if amx_available() else (prefix_chunks and not chunk_calls)
     hf = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.bfloat16).eval()
     ours = [o.outputs[0].token_ids for o in outs]
     exact = assert_bf16_greedy_match(hf, prompts, ours, hf_greedy(None, prompts, 8, model=hf))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from batchgen.kernels.cascade_attention import cascade_decode_attention_cpu
+from batchgen.kernels.cpu_decode_attention import chunk_attention as cpu_chunk_attention
 from batchgen.kernels.cpu_decode_attention import decode_attention as cpu_decode_attention
 
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa came in 2.5
@@ -73,6 +74,16 @@ class PrefixChunks:
 
 
 @dataclass
+class AmxChunks:
+    """Every multi-token chunk of the step, for the CPU's causal chunk kernel on AMX tiles
+    (kernels/cpu_decode_attention.py: chunk_attention), in meta.chunks order."""
+    block_tables: torch.Tensor  # [chunks, max_blocks] int64
+    q_starts: torch.Tensor  # [chunks] int64: each chunk's first token in the batch
+    q_lens: torch.Tensor  # [chunks] int64
+    positions: torch.Tensor  # [chunks] int64: each chunk's first position
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [tokens] flat slot (block * block_size + offset) of each new token
     num_single: int  # rows with one query token; they come first in the batch, shortest context first
@@ -91,6 +102,8 @@ class AttentionMetadata:
     cascade: CascadeGroups | None = None
     # Chunks over long cached prefixes, as rows of the CPU cascade kernel (ModelRunner.prepare).
     prefix_chunks: PrefixChunks | None = None
+    # Every chunk, for the CPU's AMX chunk kernel where it runs (then prefix_chunks is None).
+    amx_chunks: AmxChunks | None = None
 
 
 def _sdpa(q, k, v, mask, scale, causal=False):
@@ -188,13 +201,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale)
         out[g.start:g.end] = o.view(n, heads, d)
 
+    all_chunks_done = meta.amx_chunks is not None and not window and not softcap
+    if all_chunks_done:
+        a = meta.amx_chunks
+        cpu_chunk_attention(q, k_cache, v_cache, a.block_tables, a.q_starts, a.q_lens, a.positions, scale, out)
     chunks_as_rows = meta.prefix_chunks is not None and not window and not softcap
     if chunks_as_rows:
         p = meta.prefix_chunks
         out[p.tokens] = cascade_decode_attention_cpu(q[p.tokens], k_cache, v_cache, p.block_tables, p.ctx_lens, scale,
                                                      p.groups.rows, p.groups.starts, p.groups.blocks)
     for i, c in enumerate(meta.chunks):
-        if chunks_as_rows and c.as_rows:
+        if all_chunks_done or (chunks_as_rows and c.as_rows):
             continue
         keys = gather(k_cache, c.block_ids)[:c.ctx_len].transpose(0, 1)  # [kv_heads, ctx, d]
         vals = gather(v_cache, c.block_ids)[:c.ctx_len].transpose(0, 1)

@@ -13,10 +13,18 @@ from dataclasses import replace
 import torch
 
 from batchgen.cache.kv_manager import cdiv
-from batchgen.exec.attention import AttentionMetadata, CascadeGroups, ChunkSegment, PrefixChunks, SingleGroup
+from batchgen.exec.attention import (
+    AmxChunks,
+    AttentionMetadata,
+    CascadeGroups,
+    ChunkSegment,
+    PrefixChunks,
+    SingleGroup,
+)
 from batchgen.exec.prompt_logprobs import chunk_prompt_logprobs, needs_prompt_logprobs
 from batchgen.exec.rejection import verify_greedy, verify_sampled
 from batchgen.exec.sampler import Sampler, filtered_probs
+from batchgen.kernels.cpu_decode_attention import amx_available
 from batchgen.kernels.cpu_decode_attention import load as load_cpu_decode_kernel
 from batchgen.sched.output import ModelOutput, ScheduledRequest, SchedulerOutput, shared_prefix_groups
 from batchgen.speculative import Proposer
@@ -40,6 +48,10 @@ class ModelRunner:
         self.proposer: Proposer | None = None  # speculative decoding: set by the engine
         # On CPU, one-token rows attend through a C++ kernel when it builds (compiled once, cached).
         self.cpu_decode_kernel = device.type == "cpu" and load_cpu_decode_kernel() is not None
+        # Multi-token chunks attend through the C++ causal chunk kernel where it runs on AMX tiles
+        # (bf16 caches, head_dim 64 or 128); elsewhere through SDPA (and PrefixChunks).
+        self.amx_chunks = (self.cpu_decode_kernel and bool(kv_caches) and kv_caches[0].dtype == torch.bfloat16
+                           and kv_caches[0].shape[-1] in (64, 128) and amx_available())
         self.lora = None  # multi-LoRA slots (batchgen.lora.layers.LoRAWeights): set by the engine
         self.attention_backend = "torch"  # "triton": prepare() also fills the Triton fields; set by the engine
         self.graphs = None  # batchgen.exec.cuda_graphs.DecodeGraphs: replays decode-only forwards; set by the engine
@@ -80,7 +92,12 @@ class ModelRunner:
             meta.single_groups = self._single_groups(starts[:num_single], tables)
             meta.chunks = [self._chunk(int(first_token[i]), starts[i], lens[i], tables[i])
                            for i in range(num_single, len(rows))]
-            if self.cascade_min_blocks and self.cpu_decode_kernel:
+            if self.amx_chunks and meta.chunks:
+                chunk_rows = list(range(num_single, len(rows)))
+                meta.amx_chunks = AmxChunks(tables[num_single:].to(self.device), first_token[chunk_rows].to(self.device),
+                                            lens_t[chunk_rows].to(self.device),
+                                            torch.tensor(starts[num_single:]).to(self.device))
+            elif self.cascade_min_blocks and self.cpu_decode_kernel:
                 meta.prefix_chunks = self._prefix_chunks(meta.chunks, tables[num_single:])
         if self.cascade_min_blocks and (self.attention_backend == "triton" or self.cpu_decode_kernel):
             meta.cascade = self._cascade(rows[:num_single])

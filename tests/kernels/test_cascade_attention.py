@@ -175,3 +175,34 @@ def test_cpu_amx_shared_pass_equals_the_bf16_pass_and_the_reference(amx_pass, d,
     amx_pass.set_amx(False)
     bf16_pass = cascade_decode_attention_cpu(q, k, v, tables, ctx, d ** -0.5, *groups)
     torch.testing.assert_close(out.float(), bf16_pass.float(), atol=1e-2, rtol=1e-2)
+
+
+@needs_cpp
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_cpu_amx_chunk_attention_equals_the_reference_per_token(amx_pass, d, block_size):
+    """Prefill chunks, causal, on AMX tiles: fresh prompts (one a single token, one past a 256-token
+    softmax chunk), chunks after a cached prefix (block-aligned or not), more than 32 query tokens
+    (two jobs), q a strided view of a fused projection; out's other rows stay untouched."""
+    from batchgen.kernels.cpu_decode_attention import chunk_attention
+
+    gen = torch.Generator().manual_seed(d + block_size)
+    heads, kv_heads = 9, 3
+    chunks = [(0, 1), (0, 300), (384, 28), (37, 70), (96, 33)]  # (first position, tokens)
+    max_blocks = max(-(-(p + n) // block_size) for p, n in chunks)
+    pool = torch.randperm(len(chunks) * max_blocks, generator=gen)
+    k = torch.randn(len(pool), block_size, kv_heads, d, generator=gen).to(torch.bfloat16)
+    v = torch.randn(len(pool), block_size, kv_heads, d, generator=gen).to(torch.bfloat16)
+    tables = pool.view(len(chunks), max_blocks)
+    tokens = sum(n for _, n in chunks)
+    wide = torch.randn(tokens + 2, heads * d + 2 * kv_heads * d, generator=gen).to(torch.bfloat16)
+    q = wide[2:, :heads * d].view(tokens, heads, d)  # rows 2.. of a [tokens, q + k + v] projection
+    lens = torch.tensor([n for _, n in chunks])
+    out = torch.full((tokens + 3, heads, d), 7.0, dtype=torch.bfloat16)[3:]  # 3 sentinel rows before
+    chunk_attention(q, k, v, tables, lens.cumsum(0) - lens, lens, torch.tensor([p for p, _ in chunks]), d ** -0.5,
+                    out)
+    per_token_tables = torch.cat([tables[i:i + 1].expand(n, -1) for i, (_, n) in enumerate(chunks)])
+    ctx = torch.cat([torch.arange(p + 1, p + n + 1) for p, n in chunks])
+    ref = decode_attention_ref(q.contiguous(), k, v, per_token_tables, ctx, d ** -0.5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(out._base[:3], torch.full((3, heads, d), 7.0, dtype=torch.bfloat16))
