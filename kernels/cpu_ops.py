@@ -13,6 +13,8 @@ both; `silu_mul_ref` and `argmax_ref` sit below.
     rotary_embedding_(q, k, cos, sin, positions)  q [tokens, heads, d], k [tokens, kv_heads, d]
         rotated in place (fp32 math, one rounding; see kernels/rotary.py); cos, sin [max_pos, d]
     argmax(x)                                  x [rows, n] -> [rows] int64, the first index of the max
+    store_kv_(k, v, k_cache, v_cache, slots)   k, v [tokens, kv_heads, d] (rows may be strided) into
+        the caches' flat slots: k_cache.view(-1, kv_heads, d)[slots[t]] = k[t] (and v), as store_kv_ref
 """
 
 from __future__ import annotations
@@ -152,6 +154,42 @@ void rotary_embedding_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torc
 }
 
 template <typename T>
+static void store_kv_impl(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache,
+                          torch::Tensor& v_cache, const int64_t* slots) {
+  const int64_t tokens = k.size(0), row = k.size(1) * k.size(2), sk = k.stride(0), sv = v.stride(0);
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
+  // A decode step's few rows are copied on the calling thread: waking the pool costs more.
+  at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      std::copy(kp + t * sk, kp + t * sk + row, kc + slots[t] * row);
+      std::copy(vp + t * sv, vp + t * sv + row, vc + slots[t] * row);
+    }
+  });
+}
+
+void store_kv_(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.stride(2) == 1 && v.stride(2) == 1 &&
+              k.stride(1) == k.size(2) && v.stride(1) == v.size(2),
+              "store_kv_: k, v must be [tokens, kv_heads, head_dim], each row's heads contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
+              k_cache.size(-1) == k.size(2) && k_cache.size(-2) == k.size(1), "store_kv_: caches do not match k, v");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k.scalar_type() &&
+              v_cache.scalar_type() == k.scalar_type(), "store_kv_: one dtype");
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 1 && slots.size(0) == k.size(0),
+              "store_kv_: slots must be int64 [tokens]");
+  auto s = slots.contiguous();
+  const int64_t* sp = s.data_ptr<int64_t>();
+  const int64_t num_slots = k_cache.numel() / (k.size(1) * k.size(2));
+  for (int64_t t = 0; t < s.size(0); ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "store_kv_: slot ", sp[t], " out of range [0, ", num_slots, ")");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "store_kv_",
+                                  [&] { store_kv_impl<scalar_t>(k, v, k_cache, v_cache, sp); });
+}
+
+template <typename T>
 static void argmax_impl(const torch::Tensor& x, torch::Tensor& out) {
   const int64_t rows = x.size(0), n = x.size(1), sx = x.stride(0);
   const T* xp = x.data_ptr<T>();
@@ -187,7 +225,7 @@ torch::Tensor argmax(torch::Tensor x) {
 }
 """
 
-load = lazy_build("batchgen_cpu_ops", _SOURCE, ["rms_norm", "silu_mul", "rotary_embedding_", "argmax"])
+load = lazy_build("batchgen_cpu_ops", _SOURCE, ["rms_norm", "silu_mul", "rotary_embedding_", "argmax", "store_kv_"])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -206,6 +244,17 @@ def rotary_embedding_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     return load().argmax(x)
+
+
+def store_kv_(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slots: torch.Tensor) -> None:
+    load().store_kv_(k, v, k_cache, v_cache, slots)
+
+
+def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
 
 
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
