@@ -318,17 +318,6 @@ static bool amx_ready() {
   return ready;
 }
 
-// Queries q [nq, D] (bf16) as B tiles: qb[qt][x][dp][qq][e] = q[16 qt + qq][32 x + 2 dp + e], zero past nq.
-template <int D>
-static void pack_queries(const uint16_t* q, int64_t nq, uint16_t* qb) {
-  constexpr int KX = D / 32;
-  std::fill(qb, qb + (nq + 15) / 16 * KX * 512, 0);
-  for (int64_t i = 0; i < nq; ++i)
-    for (int x = 0; x < KX; ++x)
-      for (int k = 0; k < 32; ++k)
-        qb[((i / 16 * KX + x) * 16 + k / 2) * 32 + 2 * (i % 16) + k % 2] = q[i * D + 32 * x + k];
-}
-
 // Tiles: 0 = S^T (fp32 16 x 16), 1 and 6 = query tiles in turn, 2..5 = the K tile's 32-column slices.
 static void configure_attention_tiles() {
   struct alignas(64) { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = {};
@@ -368,6 +357,21 @@ static inline void transpose16x16(__m512i* x) {
     x[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
     x[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
   }
+}
+
+// Queries q [nq, D] (bf16) as B tiles: qb[qt][x][dp][qq][e] = q[16 qt + qq][32 x + 2 dp + e], zero
+// past nq: per tile and 32 dims, the 16 queries' dword pairs transposed.
+template <int D>
+static void pack_queries(const uint16_t* q, int64_t nq, uint16_t* qb) {
+  constexpr int KX = D / 32;
+  for (int64_t qt = 0; qt < (nq + 15) / 16; ++qt)
+    for (int x = 0; x < KX; ++x) {
+      __m512i r[16];
+      for (int64_t i = 0; i < 16; ++i)
+        r[i] = 16 * qt + i < nq ? _mm512_loadu_si512(q + (16 * qt + i) * D + 32 * x) : _mm512_setzero_si512();
+      transpose16x16(r);
+      for (int64_t dp = 0; dp < 16; ++dp) _mm512_storeu_si512(qb + ((qt * KX + x) * 16 + dp) * 32, r[dp]);
+    }
 }
 
 // As attend_range_bf16, for queries packed by pack_queries (qb), nq >= 1, P rounded to bf16 for
@@ -445,8 +449,10 @@ static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, i
       auto sees = [&](int64_t j) {
         return static_cast<__mmask16>(valid & _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32(static_cast<int32_t>(c0 + j))));
       };
-      __m512 mx = _mm512_set1_ps(NEG_BIG);
-      for (int64_t j = 0; j < n; ++j) mx = _mm512_mask_max_ps(mx, sees(j), mx, _mm512_loadu_ps(s + 16 * j));
+      __m512 mxs[4] = {_mm512_set1_ps(NEG_BIG), _mm512_set1_ps(NEG_BIG), _mm512_set1_ps(NEG_BIG),
+                       _mm512_set1_ps(NEG_BIG)};  // four chains: a max waits on the one before
+      for (int64_t j = 0; j < n; ++j) mxs[j % 4] = _mm512_mask_max_ps(mxs[j % 4], sees(j), mxs[j % 4], _mm512_loadu_ps(s + 16 * j));
+      const __m512 mx = _mm512_max_ps(_mm512_max_ps(mxs[0], mxs[1]), _mm512_max_ps(mxs[2], mxs[3]));
       const __m512 vscale = _mm512_set1_ps(scale);
       const __m512 m_old = _mm512_mask_loadu_ps(_mm512_set1_ps(NEG_BIG), valid, m + q0);
       const __m512 m_new = _mm512_max_ps(m_old, _mm512_mul_ps(mx, vscale));
