@@ -41,10 +41,7 @@ _SOURCE = r"""
 #include <cmath>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 constexpr int64_t TILE_ROWS = 16;      // rows of an A / C tile
 constexpr int64_t TILE_COLS = 16;      // output columns of a B / C tile
@@ -53,24 +50,8 @@ constexpr int64_t TILE_ELEMS = 512;    // bf16 values in one B tile (1 KB)
 constexpr int64_t C_TILE_FLOATS = 256; // one 16x16 fp32 accumulator tile
 constexpr int64_t M_BLOCK = 256;       // rows whose input slice stays in L2 while the weights stream by
 
-// Linux hands out AMX tile state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM).
-static bool amx_ready() {
-  static const bool ready = [] {
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1;
-    return tile && bf16 && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  }();
-  return ready;
-}
-
-// Every tile 16 rows x 64 bytes: C tiles 0-3 (fp32 16x16), A tiles 4-5 (16 rows x 32 bf16), B tiles 6-7.
-static void configure_tiles() {
-  struct alignas(64) { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = {};
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
-  _tile_loadconfig(&cfg);
-}
+// Tiles (configure_tiles, the shared prelude's amx_ready decides): C tiles 0-3 (fp32 16x16), A tiles
+// 4-5 (16 rows x 32 bf16), B tiles 6-7.
 
 // C tiles 0..MT-1 = rows [0, 16 MT) of `a` times one panel `b` (k-steps of one B tile each).
 template <int MT>

@@ -296,9 +296,6 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
 
 #if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define BATCHGEN_AMX_ATTENTION 1
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 // The AMX pass (CPUs with AMX-BF16, groups of >= AMX_MIN_QUERIES queries: the shared-prefix pass):
 // the scores come transposed, S^T [16 tokens, 16 queries] = K rows (A tiles, read straight from the
 // block: 16 token rows, 32 bf16 each, one row stride apart) times the queries (B tiles, packed once
@@ -307,24 +304,9 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
 constexpr int64_t AMX_MIN_QUERIES = 16;
 static bool amx_enabled = true;  // set_amx(false): the bf16 pass everywhere (tests compare the two)
 
-// Linux hands out AMX tile state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM).
-static bool amx_ready() {
-  static const bool ready = [] {
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1;
-    return tile && bf16 && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  }();
-  return ready;
-}
-
-// Tiles: 0 = S^T (fp32 16 x 16), 1 and 6 = query tiles in turn, 2..5 = the K tile's 32-column slices.
-static void configure_attention_tiles() {
-  struct alignas(64) { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = {};
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
-  _tile_loadconfig(&cfg);
-}
+// Tiles (configure_tiles, the shared prelude's amx_ready decides). Scores: 0 = S^T (fp32 16 x 16),
+// 1 and 6 = query tiles in turn, 2..5 = the K tile's 32-column slices. P @ V: 0..3 = accumulators,
+// 4 = P, 5 and 6 = V pairs in turn.
 
 // (a0, b0, a1, b1, ...): the 16-bit lanes of [a (16) | b (16)] interleaved, as VNNI pairs.
 static inline __m512i pair_index() {
@@ -394,7 +376,7 @@ static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, i
   const uint16_t* vp = static_cast<const uint16_t*>(c.v);
   const uint16_t* krow[SOFTMAX_CHUNK + TILE];
   const uint16_t* vrow[SOFTMAX_CHUNK];
-  configure_attention_tiles();
+  configure_tiles();
   for (int64_t c0 = t0; c0 < t1; c0 += SOFTMAX_CHUNK) {
     const int64_t n = std::min(SOFTMAX_CHUNK, t1 - c0);
     const int64_t known = std::min(SOFTMAX_CHUNK + TILE, t1 - c0);

@@ -3,9 +3,12 @@
 The flat batch puts single-token rows (decodes, and prefill remainders of one token) first and
 multi-token chunks (prefill, extend) after them. On CPU, single-token rows go through the C++
 decode kernel (kernels/cpu_decode_attention.py), which reads their blocks in place; elsewhere they
-run as batched SDPA in groups of similar context length, padded within the group and masked. Each
-chunk runs its own SDPA over its cached prefix plus itself, causal. The step's new K/V are written into the cache first, so a chunk
-reads its own keys from the same place as its prefix.
+run as batched SDPA in groups of similar context length, padded within the group and masked.
+Chunks attend causally over their cached prefix plus themselves: on CPUs with AMX tiles (bf16,
+head_dim 64/128) all of a step's chunks in one C++ call (AmxChunks); elsewhere chunks over a long
+cached prefix as one-token rows of the cascade kernel (PrefixChunks) and the rest through one SDPA
+call each. Windowed and softcapped layers always take SDPA / the math path. The step's new K/V are
+written into the cache first, so a chunk reads its own keys from the same place as its prefix.
 
 KV cache per layer: [2, num_blocks, block_size, kv_heads, head_dim] (K then V).
 
