@@ -30,6 +30,13 @@ then P (rounded to bf16, as GPU flash attention does) times V in pairs of tokens
 accumulator tiles; `set_amx(False)` turns that off (tests compare the two). Both passes prefetch the K and V
 rows they read next, as a row's blocks are scattered over the pool. `decode_attention_ref`
 and `cascade_decode_attention_ref` (kernels/cascade_attention.py) are the torch references.
+
+`chunk_attention` (AMX CPUs, bf16, head_dim 64/128): causal attention of prefill chunks, written into
+their rows of out. Semantics, per chunk c and query token i < q_lens[c] (row r = q_starts[c] + i,
+position p = positions[c] + i, the chunk's K/V already in the cache):
+    out[r] = decode_attention_ref(q[r], ..., block_tables[c], ctx = p + 1)
+It runs the AMX pass on jobs of 32 query tokens x a KV head's query heads, each query masked to
+tokens <= its position.
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ _SOURCE = r"""
 
 constexpr int64_t TILE = 16;        // tokens per tile
 constexpr float NEG_BIG = -1e30f;   // "no key seen yet" (fast-math: no infinities)
-constexpr int64_t SOFTMAX_CHUNK = 256;  // tokens per softmax step of the bf16 pass (below)
+constexpr int64_t SOFTMAX_CHUNK = 256;  // tokens per softmax step of the bf16 and AMX passes (below)
+constexpr int64_t AMX_MIN_QUERIES = 16;  // a job takes the AMX pass (where it runs) from this many queries
 
 #ifdef __AVX512F__
 // 16 horizontal sums at once (s[j] = sum of a[j]'s lanes): pairs interleaved, then 128-bit lanes folded.
@@ -212,6 +220,19 @@ static inline void token_rows(const uint16_t* cache, const Cache& c, const int64
   }
 }
 
+// Ask for tile j0..j0+nt-1's V rows (read by P @ V after the chunk's scores) and the next tile's K
+// rows (krow holds `known` entries). Forced inline, as prefetch_rows (an out-of-line call slowed
+// the pass from DRAM).
+template <int D>
+__attribute__((always_inline)) static inline void prefetch_tile(const uint16_t* const* krow,
+                                                                const uint16_t* const* vrow, int64_t j0,
+                                                                int64_t nt, int64_t known) {
+  for (int64_t j = j0; j < j0 + nt; ++j)
+    for (int b = 0; b < 2 * D; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(vrow[j]) + b);
+  for (int64_t j = j0 + nt; j < std::min(j0 + nt + TILE, known); ++j)
+    for (int b = 0; b < 2 * D; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(krow[j]) + b);
+}
+
 // The group's queries q [group, D] (bf16, unscaled) of KV head kv attend tokens t0..t1-1 of
 // `table`, continuing the states m, l [group], acc [group, D]. sc: scratch [group, SOFTMAX_CHUNK].
 template <int D>
@@ -234,11 +255,7 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
     // Scores: tiles of 16 tokens, 16 sums per tree.
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int64_t nt = std::min<int64_t>(16, n - j0);
-      // This tile's V (read by the P @ V loop after the chunk's scores) and the next tile's K.
-      for (int64_t j = j0; j < j0 + nt; ++j)
-        for (int b = 0; b < 2 * D; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(vrow[j]) + b);
-      for (int64_t j = j0 + nt; j < std::min(j0 + nt + TILE, known); ++j)
-        for (int b = 0; b < 2 * D; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(krow[j]) + b);
+      prefetch_tile<D>(krow, vrow, j0, nt, known);
       for (int64_t h = 0; h < group; ++h) {
         __m512bh qv[KV];
         for (int x = 0; x < KV; ++x) qv[x] = (__m512bh)_mm512_loadu_si512(q + h * D + 32 * x);
@@ -301,7 +318,6 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
 // block: 16 token rows, 32 bf16 each, one row stride apart) times the queries (B tiles, packed once
 // per job), 16 x 16 x 32 products per tile instruction. The softmax then runs across each token's
 // 16 queries (a vector per token: no horizontal sums), and P @ V runs on tiles too.
-constexpr int64_t AMX_MIN_QUERIES = 16;
 static bool amx_enabled = true;  // set_amx(false): the bf16 pass everywhere (tests compare the two)
 
 // Tiles (configure_tiles, the shared prelude's amx_ready decides). Scores: 0 = S^T (fp32 16 x 16),
@@ -384,10 +400,7 @@ static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, i
     token_rows(vp, c, table, kv, c0, n, vrow);
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int64_t nt = std::min<int64_t>(16, n - j0);
-      for (int64_t j = j0; j < j0 + nt; ++j)
-        for (int b = 0; b < 2 * D; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(vrow[j]) + b);
-      for (int64_t j = j0 + nt; j < std::min(j0 + nt + TILE, known); ++j)
-        for (int b = 0; b < 2 * D; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(krow[j]) + b);
+      prefetch_tile<D>(krow, vrow, j0, nt, known);
       const uint16_t* a = krow[j0];
       int64_t lda = 2 * stride;  // bytes between token rows
       if (nt < 16 || krow[j0 + 15] != a + 15 * stride) {  // a partial tile, or one across two blocks
@@ -511,16 +524,24 @@ static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, i
 }
 #endif
 
-// One thread's scratch for `attend` over up to nq queries of head_dim d.
+// One thread's scratch for `attend` over up to nq queries of head_dim d. The AMX pass's buffers are
+// sized only where a job can take it (nq >= AMX_MIN_QUERIES): a decode call's per-thread scratch
+// stays small.
 struct Scratch {
   std::vector<float> qf, kf, vf, s, sc;
   std::vector<float> st, accp;           // the AMX pass's S^T / P^T and accumulators, per query tile
   std::vector<uint16_t> qb, kb, vb, pa;  // its packed queries, gathered K rows, V pairs and P tiles
   Scratch(int64_t nq, int64_t d)
-      : qf(nq * d), kf(TILE * d), vf(TILE * d), s(TILE), sc(nq * SOFTMAX_CHUNK),
-        st((nq + 15) / 16 * 16 * SOFTMAX_CHUNK), accp((nq + 15) / 16 * 16 * d),
-        qb((nq + 15) / 16 * std::max<int64_t>(d / 32, 1) * 512), kb(TILE * d), vb(SOFTMAX_CHUNK * d),
-        pa(SOFTMAX_CHUNK * 16) {}
+      : qf(nq * d), kf(TILE * d), vf(TILE * d), s(TILE), sc(nq * SOFTMAX_CHUNK) {
+    if (nq < AMX_MIN_QUERIES) return;
+    const int64_t qtiles = (nq + 15) / 16;
+    st.resize(qtiles * 16 * SOFTMAX_CHUNK);
+    accp.resize(qtiles * 16 * d);
+    qb.resize(qtiles * std::max<int64_t>(d / 32, 1) * 512);
+    kb.resize(TILE * d);
+    vb.resize(SOFTMAX_CHUNK * d);
+    pa.resize(SOFTMAX_CHUNK * 16);
+  }
 };
 
 // Queries q [nq, d] (as stored in the cache's dtype, unscaled) of KV head kv, each with its state

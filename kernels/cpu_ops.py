@@ -13,8 +13,8 @@ both; `silu_mul_ref` and `argmax_ref` sit below.
     rotary_embedding_(q, k, cos, sin, positions)  q [tokens, heads, d], k [tokens, kv_heads, d]
         rotated in place (fp32 math, one rounding; see kernels/rotary.py); cos, sin [max_pos, d]
     argmax(x)                                  x [rows, n] -> [rows] int64, the first index of the max
-    store_kv_(k, v, k_cache, v_cache, slots)   k, v [tokens, kv_heads, d] (rows may be strided) into
-        the caches' flat slots: k_cache.view(-1, kv_heads, d)[slots[t]] = k[t] (and v), as store_kv_ref
+    store_kv(k, v, kv_cache, slot_mapping)     kernels/store_kv.py's semantics and reference (store_kv_ref),
+        k, v with each row's heads contiguous (rows may be strided: views of the fused qkv)
 """
 
 from __future__ import annotations
@@ -154,39 +154,37 @@ void rotary_embedding_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torc
 }
 
 template <typename T>
-static void store_kv_impl(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache,
-                          torch::Tensor& v_cache, const int64_t* slots) {
+static void store_kv_impl(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& kv_cache, const int64_t* slots) {
   const int64_t tokens = k.size(0), row = k.size(1) * k.size(2), sk = k.stride(0), sv = v.stride(0);
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
-  T* kc = k_cache.data_ptr<T>();
-  T* vc = v_cache.data_ptr<T>();
+  T* kc = kv_cache.data_ptr<T>();
+  T* vc = kc + kv_cache.stride(0);  // V after K
   // A decode step's few rows are copied on the calling thread: waking the pool costs more.
   at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
+      if (slots[t] < 0) continue;
       std::copy(kp + t * sk, kp + t * sk + row, kc + slots[t] * row);
       std::copy(vp + t * sv, vp + t * sv + row, vc + slots[t] * row);
     }
   });
 }
 
-void store_kv_(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache, torch::Tensor slot_mapping) {
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.stride(2) == 1 && v.stride(2) == 1 &&
               k.stride(1) == k.size(2) && v.stride(1) == v.size(2),
-              "store_kv_: k, v must be [tokens, kv_heads, head_dim], each row's heads contiguous");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
-              k_cache.size(-1) == k.size(2) && k_cache.size(-2) == k.size(1), "store_kv_: caches do not match k, v");
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k.scalar_type() &&
-              v_cache.scalar_type() == k.scalar_type(), "store_kv_: one dtype");
-  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 1 && slots.size(0) == k.size(0),
-              "store_kv_: slots must be int64 [tokens]");
-  auto s = slots.contiguous();
+              "store_kv: k, v must be [tokens, kv_heads, head_dim], each row's heads contiguous");
+  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 5 && kv_cache.size(0) == 2 &&
+              kv_cache.size(3) == k.size(1) && kv_cache.size(4) == k.size(2), "store_kv: kv_cache does not match k, v");
+  TORCH_CHECK(k.scalar_type() == kv_cache.scalar_type() && v.scalar_type() == k.scalar_type(), "store_kv: one dtype");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0), "store_kv: slot_mapping must be [tokens]");
+  auto s = slot_mapping.to(torch::kInt64).contiguous();
   const int64_t* sp = s.data_ptr<int64_t>();
-  const int64_t num_slots = k_cache.numel() / (k.size(1) * k.size(2));
+  const int64_t num_slots = kv_cache.size(1) * kv_cache.size(2);
   for (int64_t t = 0; t < s.size(0); ++t)
-    TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "store_kv_: slot ", sp[t], " out of range [0, ", num_slots, ")");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "store_kv_",
-                                  [&] { store_kv_impl<scalar_t>(k, v, k_cache, v_cache, sp); });
+    TORCH_CHECK(sp[t] < num_slots, "store_kv: slot ", sp[t], " out of range [0, ", num_slots, ")");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "store_kv",
+                                  [&] { store_kv_impl<scalar_t>(k, v, kv_cache, sp); });
 }
 
 template <typename T>
@@ -225,7 +223,7 @@ torch::Tensor argmax(torch::Tensor x) {
 }
 """
 
-load = lazy_build("batchgen_cpu_ops", _SOURCE, ["rms_norm", "silu_mul", "rotary_embedding_", "argmax", "store_kv_"])
+load = lazy_build("batchgen_cpu_ops", _SOURCE, ["rms_norm", "silu_mul", "rotary_embedding_", "argmax", "store_kv"])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -246,15 +244,8 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return load().argmax(x)
 
 
-def store_kv_(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              slots: torch.Tensor) -> None:
-    load().store_kv_(k, v, k_cache, v_cache, slots)
-
-
-def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slots: torch.Tensor) -> None:
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    load().store_kv(k, v, kv_cache, slot_mapping)
 
 
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:

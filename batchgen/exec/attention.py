@@ -41,7 +41,6 @@ class ChunkSegment:
     ctx_len: int
     block_ids: torch.Tensor  # [blocks covering ctx_len]
     mask: torch.Tensor | None  # [q_len, ctx_len] bool, None when the chunk starts at position 0
-    as_rows: bool = False  # attended as one-token rows (PrefixChunks) where the layer allows
 
 
 @dataclass
@@ -75,6 +74,7 @@ class PrefixChunks:
     block_tables: torch.Tensor  # [n, max_blocks] int64: each token's row's blocks
     ctx_lens: torch.Tensor  # [n] int64: each token's position + 1
     groups: CascadeGroups  # group c = chunk c's tokens (as indices into `tokens`) over its prefix blocks
+    chunks: frozenset[int]  # which of meta.chunks these are (the SDPA loop skips them)
 
 
 @dataclass
@@ -156,15 +156,17 @@ def _chunk_mask(c: ChunkSegment, i: int, meta: AttentionMetadata, window: int, d
     return meta.window_masks[key]
 
 
-def _store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              slots: torch.Tensor) -> None:
-    """The step's new K/V [tokens, kv_heads, d] into their cache slots: one C++ call on CPU (a
-    decode step's index_copy_ pair cost ~50 us a layer in dispatch alone), index_copy_ elsewhere."""
+def _store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """The step's new K/V [tokens, kv_heads, d] into their cache slots (kernels/store_kv.py's
+    semantics): one C++ call on CPU (a decode step's index_copy_ pair cost ~50 us a layer in
+    dispatch alone), index_copy_ elsewhere."""
     if (k.device.type == "cpu" and k.stride(2) == v.stride(2) == 1 and k.stride(1) == v.stride(1) == k.shape[2]
-            and cpu_ops.load()):
-        cpu_ops.store_kv_(k, v, k_cache, v_cache, slots)
-    else:
-        cpu_ops.store_kv_ref(k, v, k_cache, v_cache, slots)
+            and kv_cache.is_contiguous() and cpu_ops.load()):
+        cpu_ops.store_kv(k, v, kv_cache, slots)
+        return
+    kv_heads, d = k.shape[1:]
+    kv_cache[0].view(-1, kv_heads, d).index_copy_(0, slots, k)
+    kv_cache[1].view(-1, kv_heads, d).index_copy_(0, slots, v)
 
 
 def _put(out: torch.Tensor, g: SingleGroup, rows: torch.Tensor) -> torch.Tensor:
@@ -183,7 +185,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     _, num_blocks, block_size, kv_heads, d = kv_cache.shape
     heads = q.shape[1]
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    _store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    _store_kv(k, v, kv_cache, meta.slot_mapping)
     out = torch.empty_like(q)
 
     def gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -225,7 +227,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         out[p.tokens] = cascade_decode_attention_cpu(q[p.tokens], k_cache, v_cache, p.block_tables, p.ctx_lens, scale,
                                                      p.groups.rows, p.groups.starts, p.groups.blocks)
     for i, c in enumerate(meta.chunks):
-        if all_chunks_done or (chunks_as_rows and c.as_rows):
+        if all_chunks_done or (chunks_as_rows and i in meta.prefix_chunks.chunks):
             continue
         keys = gather(k_cache, c.block_ids)[:c.ctx_len].transpose(0, 1)  # [kv_heads, ctx, d]
         vals = gather(v_cache, c.block_ids)[:c.ctx_len].transpose(0, 1)

@@ -50,8 +50,8 @@ class ModelRunner:
         self.cpu_decode_kernel = device.type == "cpu" and load_cpu_decode_kernel() is not None
         # Multi-token chunks attend through the C++ causal chunk kernel where it runs on AMX tiles
         # (bf16 caches, head_dim 64 or 128); elsewhere through SDPA (and PrefixChunks).
-        self.amx_chunks = (self.cpu_decode_kernel and bool(kv_caches) and kv_caches[0].dtype == torch.bfloat16
-                           and kv_caches[0].shape[-1] in (64, 128) and amx_available())
+        self.chunks_on_amx = (self.cpu_decode_kernel and bool(kv_caches) and kv_caches[0].dtype == torch.bfloat16
+                              and kv_caches[0].shape[-1] in (64, 128) and amx_available())
         self.lora = None  # multi-LoRA slots (batchgen.lora.layers.LoRAWeights): set by the engine
         self.attention_backend = "torch"  # "triton": prepare() also fills the Triton fields; set by the engine
         self.graphs = None  # batchgen.exec.cuda_graphs.DecodeGraphs: replays decode-only forwards; set by the engine
@@ -92,11 +92,9 @@ class ModelRunner:
             meta.single_groups = self._single_groups(starts[:num_single], tables)
             meta.chunks = [self._chunk(int(first_token[i]), starts[i], lens[i], tables[i])
                            for i in range(num_single, len(rows))]
-            if self.amx_chunks and meta.chunks:
-                chunk_rows = list(range(num_single, len(rows)))
-                meta.amx_chunks = AmxChunks(tables[num_single:].to(self.device), first_token[chunk_rows].to(self.device),
-                                            lens_t[chunk_rows].to(self.device),
-                                            torch.tensor(starts[num_single:]).to(self.device))
+            if self.chunks_on_amx and meta.chunks:
+                meta.amx_chunks = AmxChunks(tables[num_single:].to(self.device), first_token[num_single:].to(self.device),
+                                            lens_t[num_single:].to(self.device), self._tensor(starts[num_single:]))
             elif self.cascade_min_blocks and self.cpu_decode_kernel:
                 meta.prefix_chunks = self._prefix_chunks(meta.chunks, tables[num_single:])
         if self.cascade_min_blocks and (self.attention_backend == "triton" or self.cpu_decode_kernel):
@@ -117,7 +115,7 @@ class ModelRunner:
 
     def _prefix_chunks(self, chunks: list[ChunkSegment], tables: torch.Tensor) -> PrefixChunks | None:
         """Torch backend on CPU: the chunks whose cached prefix holds >= cascade_min_blocks full
-        blocks and at least as many tokens as the chunk itself (marked as_rows), None when none."""
+        blocks and at least as many tokens as the chunk itself, None when none."""
         bs = self.block_size
         picked = [i for i, c in enumerate(chunks) if (c.ctx_len - c.q_len) // bs >= self.cascade_min_blocks
                   and c.q_len <= c.ctx_len - c.q_len]
@@ -126,7 +124,6 @@ class ModelRunner:
         tokens, ctx, table_rows, starts, blocks = [], [], [], [0], []
         for i in picked:
             c = chunks[i]
-            c.as_rows = True
             start = c.ctx_len - c.q_len
             tokens.extend(range(c.q_start, c.q_start + c.q_len))
             ctx.extend(range(start + 1, c.ctx_len + 1))
@@ -136,7 +133,8 @@ class ModelRunner:
         n = len(tokens)
         return PrefixChunks(self._tensor(tokens), tables[table_rows].to(self.device), self._tensor(ctx),
                             CascadeGroups(torch.arange(n, device=self.device), self._tensor(starts),
-                                          self._tensor(blocks), max(b - a for a, b in zip(starts, starts[1:]))))
+                                          self._tensor(blocks), max(b - a for a, b in zip(starts, starts[1:]))),
+                            frozenset(picked))
 
     def _single_groups(self, starts: list[int], tables: torch.Tensor) -> list[SingleGroup]:
         """Torch backend: the one-token rows (positions `starts`, shortest context first)."""

@@ -106,17 +106,21 @@ def test_onednn_packed_linear_is_bit_identical(rows, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 64, 700])  # a decode step's rows; a prefill chunk (threads)
-def test_store_kv_equals_index_copy_from_qkv_views(dtype, tokens):
+def test_store_kv_equals_the_reference_from_qkv_views(dtype, tokens):
+    """Against kernels/store_kv.py's reference (index_copy_), negative slots skipped as it skips them."""
+    from batchgen.kernels.store_kv import store_kv_ref
+
     gen = torch.Generator().manual_seed(tokens)
     kv_heads, d, slots_total = 3, 64, 64 * 16
     qkv = torch.randn(tokens, 9 * d + 2 * kv_heads * d, generator=gen).to(dtype)
     k = qkv[:, 9 * d:(9 + kv_heads) * d].view(tokens, kv_heads, d)  # strided rows, as the model hands them
     v = qkv[:, (9 + kv_heads) * d:].view(tokens, kv_heads, d)
     slots = torch.randperm(slots_total, generator=gen)[:tokens]
-    caches = [torch.randn(64, 16, kv_heads, d, generator=gen).to(dtype) for _ in range(2)]
-    expected = [c.clone() for c in caches]
-    cpu_ops.store_kv_(k, v, *caches, slots)
-    cpu_ops.store_kv_ref(k, v, *expected, slots)
-    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+    slots[::7] = -1
+    cache = torch.randn(2, 64, 16, kv_heads, d, generator=gen).to(dtype)
+    expected = cache.clone()
+    cpu_ops.store_kv(k, v, cache, slots)
+    store_kv_ref(k, v, expected, slots)
+    assert torch.equal(cache[0], expected[0]) and torch.equal(cache[1], expected[1])
     with pytest.raises(RuntimeError, match="out of range"):
-        cpu_ops.store_kv_(k, v, *caches, torch.full_like(slots, slots_total))
+        cpu_ops.store_kv(k, v, cache, torch.full_like(slots, slots_total))
