@@ -524,6 +524,29 @@ static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, i
 }
 #endif
 
+// f(begin, end) over jobs [0, n) in one contiguous range per thread, the ranges of equal total cost
+// (cost(j): job j's share of the work, e.g. its keys; plus one for its fixed work). at::parallel_for splits by count,
+// and jobs are far from equal: decode rows come sorted by context length, and a chunk's later query
+// tiles see more keys, so the last thread got most of the work while the first one waited.
+template <typename Cost, typename F>
+static void parallel_jobs(int64_t n, const Cost& cost, const F& f) {
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), n);
+  if (parts <= 1 || at::in_parallel_region()) {
+    if (n > 0) f(0, n);
+    return;
+  }
+  std::vector<double> cum(n + 1, 0.0);
+  for (int64_t j = 0; j < n; ++j) cum[j + 1] = cum[j] + static_cast<double>(cost(j)) + 1.0;
+  std::vector<int64_t> bounds(parts + 1, n);
+  bounds[0] = 0;
+  for (int64_t p = 1; p < parts; ++p)  // the first job whose cumulative cost passes p / parts of the total
+    bounds[p] = std::lower_bound(cum.begin(), cum.end(), cum[n] * p / parts) - cum.begin();
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      if (bounds[p] < bounds[p + 1]) f(bounds[p], bounds[p + 1]);
+  });
+}
+
 // One thread's scratch for `attend` over up to nq queries of head_dim d. The AMX pass's buffers are
 // sized only where a job can take it (nq >= AMX_MIN_QUERIES): a decode call's per-thread scratch
 // stays small.
@@ -582,7 +605,11 @@ static void decode_rows(const torch::Tensor& q, const Cache& c, const int64_t* l
   const int64_t sq = q.stride(0);  // a row's heads are contiguous; rows may be strided (views of a fused qkv)
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, rows * c.kv_heads, 1, [&](int64_t begin, int64_t end) {
+  auto keys = [&](int64_t job) {
+    const int64_t r = job / c.kv_heads;
+    return lens[r] - (starts != nullptr ? starts[r] : 0);
+  };
+  parallel_jobs(rows * c.kv_heads, keys, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(group * d), m(group), l(group);
     Scratch w(group, d);
     for (int64_t job = begin; job < end; ++job) {
@@ -625,7 +652,9 @@ static void shared_pass(const torch::Tensor& q, const Cache& c, double scale, co
   for (int64_t g = 0; g < num_groups; ++g)
     for (int64_t i = group_starts[g]; i < group_starts[g + 1]; i += CHUNK) { jobs.push_back(g); jobs.push_back(i); }
   const int64_t num_jobs = static_cast<int64_t>(jobs.size() / 2);
-  at::parallel_for(0, num_jobs * c.kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // A job's time goes mostly to reading the shared K/V (its queries share each load)
+  auto keys = [&](int64_t job) { return group_blocks[jobs[2 * (job / c.kv_heads)]] * c.block_size; };
+  parallel_jobs(num_jobs * c.kv_heads, keys, [&](int64_t begin, int64_t end) {
     std::vector<T> qg(CHUNK * group * d);  // the members' queries of this KV head, side by side
     std::vector<float> acc(CHUNK * group * d), m(CHUNK * group), l(CHUNK * group);
     Scratch w(CHUNK * group, d);
@@ -701,7 +730,12 @@ static void chunk_rows(const torch::Tensor& q, const Cache& c, const int64_t* q_
   for (int64_t ch = 0; ch < num_chunks; ++ch)
     for (int64_t i0 = 0; i0 < q_lens[ch]; i0 += CHUNK_TOKENS) { jobs.push_back(ch); jobs.push_back(i0); }
   const int64_t num_jobs = static_cast<int64_t>(jobs.size() / 2);
-  at::parallel_for(0, num_jobs * c.kv_heads, 1, [&](int64_t begin, int64_t end) {
+  auto keys_x_queries = [&](int64_t job) {
+    const int64_t ch = jobs[2 * (job / c.kv_heads)], i0 = jobs[2 * (job / c.kv_heads) + 1];
+    const int64_t ntok = std::min(CHUNK_TOKENS, q_lens[ch] - i0);
+    return (pos0[ch] + i0 + ntok) * ntok;
+  };
+  parallel_jobs(num_jobs * c.kv_heads, keys_x_queries, [&](int64_t begin, int64_t end) {
     const int64_t max_q = CHUNK_TOKENS * group;
     std::vector<uint16_t> qg(max_q * D);
     std::vector<float> acc(max_q * D), m(max_q), l(max_q);

@@ -27,10 +27,39 @@ from ._cpu_build import lazy_build
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 template <typename T> static inline float f32(T v) { return static_cast<float>(v); }
+
+#ifdef BF16X16
+// One bf16 row of rms_norm in 16-lane vectors, with the generic loop's roundings: h = x (+ r, rounded
+// and stored to r_out), then out = bf16(bf16(h / rms(h)) * w). Two passes over the row, no scratch:
+// decode-sized calls are a few rows each, where the scratch loops cost more than the math.
+static inline void rms_norm_row_bf16(const at::BFloat16* x, const at::BFloat16* r, at::BFloat16* r_out,
+                                     const float* w, float eps, int64_t hidden, at::BFloat16* out) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < hidden; i += 16) {
+    const int64_t n = std::min<int64_t>(16, hidden - i);  // lanes past n load as 0 and add nothing
+    __m512 h = bf16x16_load(x + i, n);
+    if (r) {
+      h = bf16x16_round(_mm512_add_ps(h, bf16x16_load(r + i, n)));
+      bf16x16_store(r_out + i, h, n);
+    }
+    ss = _mm512_fmadd_ps(h, h, ss);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / hidden + eps));
+  const at::BFloat16* src = r ? r_out : x;
+  for (int64_t i = 0; i < hidden; i += 16) {
+    const int64_t n = std::min<int64_t>(16, hidden - i);
+    const __m512 h = bf16x16_round(_mm512_mul_ps(bf16x16_load(src + i, n), inv));
+    const __m512 wv = _mm512_maskz_loadu_ps(n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1), w + i);
+    bf16x16_store(out + i, _mm512_mul_ps(h, wv), n);
+  }
+}
+#endif
 
 template <typename T>
 static void rms_norm_impl(const torch::Tensor& x, const torch::Tensor* res, const torch::Tensor& w, double eps,
@@ -42,6 +71,18 @@ static void rms_norm_impl(const torch::Tensor& x, const torch::Tensor* res, cons
   const T* rp = res ? res->data_ptr<T>() : nullptr;
   T* rop = res_out ? res_out->data_ptr<T>() : nullptr;
   const int64_t sx = x.stride(0), so = out.stride(0), sr = res ? res->stride(0) : 0, sro = res_out ? res_out->stride(0) : 0;
+#ifdef BF16X16
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    std::vector<float> wf(hidden);
+    load_row(wp, wf.data(), hidden);
+    at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        rms_norm_row_bf16(xp + t * sx, rp ? rp + t * sr : nullptr, rop ? rop + t * sro : nullptr, wf.data(),
+                          static_cast<float>(eps), hidden, op + t * so);
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> h(hidden), r(hidden), wf(hidden);
     std::vector<T> tmp(hidden);
@@ -124,6 +165,25 @@ static void rotate_heads(T* x, int64_t st, int64_t sh, int64_t heads, int64_t ha
   }
 }
 
+#ifdef BF16X16
+// One token's heads (x: its first head, heads sh apart) rotated in 16-lane vectors: rotate_heads' math
+// for bf16 q/k and tables, with each cos/sin slice widened once for all heads.
+static inline void rotate_heads_bf16(at::BFloat16* x, int64_t sh, int64_t heads, int64_t half,
+                                     const at::BFloat16* c, const at::BFloat16* s) {
+  for (int64_t i = 0; i < half; i += 16) {
+    const int64_t n = std::min<int64_t>(16, half - i);
+    const __m512 c1 = bf16x16_load(c + i, n), c2 = bf16x16_load(c + half + i, n);
+    const __m512 s1 = bf16x16_load(s + i, n), s2 = bf16x16_load(s + half + i, n);
+    for (int64_t h = 0; h < heads; ++h) {
+      at::BFloat16* v = x + h * sh;
+      const __m512 x1 = bf16x16_load(v + i, n), x2 = bf16x16_load(v + half + i, n);
+      bf16x16_store(v + i, _mm512_sub_ps(_mm512_mul_ps(x1, c1), _mm512_mul_ps(x2, s1)), n);
+      bf16x16_store(v + half + i, _mm512_add_ps(_mm512_mul_ps(x2, c2), _mm512_mul_ps(x1, s2)), n);
+    }
+  }
+}
+#endif
+
 template <typename T>
 static void rotary_impl(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& cos, const torch::Tensor& sin,
                         const torch::Tensor& pos) {
@@ -133,10 +193,23 @@ static void rotary_impl(torch::Tensor& q, torch::Tensor& k, const torch::Tensor&
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
   const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t sc = cos.stride(0), ss = sin.stride(0);
+#ifdef BF16X16
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const int64_t sq = q.stride(0), sqh = q.stride(1), hq = q.size(1), sk = k.stride(0), skh = k.stride(1), hk = k.size(1);
+    at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        rotate_heads_bf16(qp + t * sq, sqh, hq, half, cp + pp[t] * sc, sp + pp[t] * ss);
+        rotate_heads_bf16(kp + t * sk, skh, hk, half, cp + pp[t] * sc, sp + pp[t] * ss);
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const T* c = cp + pp[t] * cos.stride(0);
-      const T* s = sp + pp[t] * sin.stride(0);
+      const T* c = cp + pp[t] * sc;
+      const T* s = sp + pp[t] * ss;
       rotate_heads(qp, q.stride(0), q.stride(1), q.size(1), half, t, c, s);
       rotate_heads(kp, k.stride(0), k.stride(1), k.size(1), half, t, c, s);
     }

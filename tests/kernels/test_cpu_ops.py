@@ -51,7 +51,7 @@ def test_silu_mul(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 32), (9, 3, 64), (8, 2, 128)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 32), (9, 3, 64), (8, 2, 128), (4, 2, 80)])  # 80: a partial vector
 def test_rotary_in_place_on_qkv_views(dtype, heads, kv_heads, head_dim):
     g = _gen(heads * head_dim)
     tokens = 13
@@ -68,6 +68,8 @@ def test_rotary_in_place_on_qkv_views(dtype, heads, kv_heads, head_dim):
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(q, q_ref, **tol)
     torch.testing.assert_close(k, k_ref, **tol)
+    if dtype == torch.bfloat16:  # fp32 math then one rounding: all but rare last-bit ties agree
+        assert (q != q_ref).float().mean() < 0.01 and (k != k_ref).float().mean() < 0.01
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)  # v untouched
 
 
