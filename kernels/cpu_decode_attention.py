@@ -28,7 +28,9 @@ shared pass: a group's members x heads) runs on AMX tiles instead: scores transp
 times the packed queries, 16 tokens x 16 queries a tile), the softmax across each token's queries,
 then P (rounded to bf16, as GPU flash attention does) times V in pairs of tokens into 16 x 16
 accumulator tiles; `set_amx(False)` turns that off (tests compare the two). Both passes prefetch the K and V
-rows they read next, as a row's blocks are scattered over the pool. `decode_attention_ref`
+rows they read next, as a row's blocks are scattered over the pool. Jobs go to the threads in
+contiguous ranges of equal keys (keys x queries for chunks), not of equal count: rows come sorted by
+context length, so a split by count gave the last thread most of the work. `decode_attention_ref`
 and `cascade_decode_attention_ref` (kernels/cascade_attention.py) are the torch references.
 
 `chunk_attention` (AMX CPUs, bf16, head_dim 64/128): causal attention of prefill chunks, written into
