@@ -16,6 +16,7 @@ import torch
 
 from batchgen.cache.kv_manager import KVCacheManager, cdiv
 from batchgen.config import EngineConfig
+from batchgen.kernels import huge_pages
 from batchgen.detokenizer import IncrementalDetokenizer
 from batchgen.exec.model_runner import CASCADE_MIN_BLOCKS, ModelRunner
 from batchgen.models.loader import iter_safetensors, pick_dtype, read_eos_token_ids, resolve_model
@@ -276,6 +277,8 @@ class Engine:
     def _allocate_kv(self, num_blocks: int, model: torch.nn.Module | None = None) -> list[torch.Tensor]:
         m = model or self.model
         shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        if self.device.type == "cpu":  # decode reads rows' blocks scattered over the pool: fewer TLB misses
+            return [huge_pages.zeros(shape, self.dtype) for _ in m.layers]
         return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in m.layers]
 
     # ---- requests -----------------------------------------------------------------------------

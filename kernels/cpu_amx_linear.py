@@ -31,6 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import huge_pages
 from ._cpu_build import cpu_flags, lazy_build
 
 TILE_N, TILE_K = 16, 32  # one bf16 B tile: 32 inputs x 16 output columns (1 KB)
@@ -286,15 +287,15 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     """weight [out, in] -> the plain tile layout (module docstring)."""
     n, k = weight.shape
     w = weight.detach().to(torch.bfloat16)
-    return w.view(n // TILE_N, TILE_N, k // TILE_K, TILE_K // 2, 2).permute(0, 2, 3, 1, 4).contiguous()
+    return huge_pages.contiguous(w.view(n // TILE_N, TILE_N, k // TILE_K, TILE_K // 2, 2).permute(0, 2, 3, 1, 4))
 
 
 def pack_gate_up(weight: torch.Tensor) -> torch.Tensor:
     """weight [2 * inter, in] ([gate; up]) -> the gate_up tile layout (module docstring)."""
     n, k = weight.shape
     w = weight.detach().to(torch.bfloat16)
-    return (w.view(2, n // 2 // TILE_N, TILE_N, k // TILE_K, TILE_K // 2, 2)
-             .permute(1, 3, 0, 4, 2, 5).contiguous())
+    return huge_pages.contiguous(w.view(2, n // 2 // TILE_N, TILE_N, k // TILE_K, TILE_K // 2, 2)
+                                 .permute(1, 3, 0, 4, 2, 5))
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import huge_pages
 from ._cpu_build import cpu_flags, lazy_build
 
 PANEL = 16  # output columns per weight panel: two 8-lane fp32 registers
@@ -172,7 +173,7 @@ def supports(out_features: int, in_features: int) -> bool:
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """weight [out, in] -> the panel layout [out / 16, in, 16] (module docstring)."""
     n, k = weight.shape
-    return weight.detach().float().view(n // PANEL, PANEL, k).transpose(1, 2).contiguous()
+    return huge_pages.contiguous(weight.detach().float().view(n // PANEL, PANEL, k).transpose(1, 2))
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
