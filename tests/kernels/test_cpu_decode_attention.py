@@ -66,3 +66,31 @@ def test_strided_queries_as_a_view_of_the_qkv_projection(dtype):
     # heads not contiguous within a row: taken through a copy
     swapped = q.transpose(0, 1).contiguous().transpose(0, 1)
     assert torch.equal(decode_attention(swapped, k_cache, v_cache, tables, ctx, 0.125), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_thread_split_changes_no_bit(dtype):
+    """Jobs go to threads in ranges of equal keys (rows sorted by context, as a decode step hands
+    them over: the split falls mid-batch, not at its count's middle): every thread count gives the
+    same bits, and the reference's result."""
+    gen = torch.Generator().manual_seed(5)
+    rows, heads, kv_heads, d, block_size, num_blocks = 23, 9, 3, 64, 16, 200
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(dtype)
+    ctx = torch.sort(torch.randint(1, 40 * block_size, (rows,), generator=gen)).values
+    ctx[-1] = 60 * block_size  # one long row: a range may hold a single job
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:60] for _ in range(rows)])
+    q = torch.randn(rows, heads, d, generator=gen).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3, 7):
+            torch.set_num_threads(n)
+            outs.append(decode_attention(q, k_cache, v_cache, tables, ctx, 0.125))
+    finally:
+        torch.set_num_threads(threads)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    ref = decode_attention_ref(q, k_cache, v_cache, tables, ctx, 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outs[0].float(), ref.float(), atol=tol, rtol=tol)
