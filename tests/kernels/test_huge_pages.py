@@ -19,17 +19,19 @@ def _thp_mode() -> str | None:
     return text[text.index("[") + 1:text.index("]")]
 
 
-def _anon_huge_kb(t: torch.Tensor) -> int:
-    """AnonHugePages of the mapping that holds t's first byte (/proc/self/smaps)."""
+def _advised_huge(t: torch.Tensor) -> bool:
+    """Whether the mapping that holds t's first byte is advised for huge pages (its VmFlags in
+    /proc/self/smaps carry "hg"): what the allocator asks for; whether the kernel then finds free
+    2 MiB pages depends on the machine's fragmentation."""
     addr, inside = t.data_ptr(), False
     for line in pathlib.Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and ":" not in head:
             lo, hi = (int(x, 16) for x in head.split("-"))
             inside = lo <= addr < hi
-        elif inside and head == "AnonHugePages:":
-            return int(line.split()[1])
-    return 0
+        elif inside and head == "VmFlags:":
+            return "hg" in line.split()[1:]
+    return False
 
 
 def test_contiguous_copies_exactly_and_aligned():
@@ -53,9 +55,9 @@ def test_zeros_and_empty_shapes():
 
 
 @pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="this kernel offers no transparent huge pages")
-def test_big_tensors_sit_on_huge_pages():
+def test_the_weights_and_kv_pool_are_advised_for_huge_pages():
     kv = huge_pages.zeros((2, 512, 16, 4, 64), torch.bfloat16)  # 16 MiB: a small KV pool
-    assert _anon_huge_kb(kv) >= 2048
+    assert _advised_huge(kv)
+    assert not _advised_huge(torch.zeros(2, 512, 16, 4, 64, dtype=torch.bfloat16))  # the check can fail
     if cpu_amx_linear.available():  # a packed weight, from the shared chunks
-        packed = cpu_amx_linear.pack(torch.randn(3072, 576))
-        assert _anon_huge_kb(packed) >= 2048
+        assert _advised_huge(cpu_amx_linear.pack(torch.randn(3072, 576)))
