@@ -16,9 +16,9 @@ import torch
 
 from batchgen.cache.kv_manager import KVCacheManager, cdiv
 from batchgen.config import EngineConfig
-from batchgen.kernels import huge_pages
 from batchgen.detokenizer import IncrementalDetokenizer
 from batchgen.exec.model_runner import CASCADE_MIN_BLOCKS, ModelRunner
+from batchgen.kernels import huge_pages
 from batchgen.models.loader import iter_safetensors, pick_dtype, read_eos_token_ids, resolve_model
 from batchgen.models.packed_linear import can_pack
 from batchgen.models.registry import language_model_config, model_class

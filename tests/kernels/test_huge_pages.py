@@ -1,5 +1,5 @@
-"""kernels/huge_pages.py: what it hands out equals what torch would, and sits on huge pages where
-Linux offers them."""
+"""kernels/huge_pages.py: what it hands out equals what torch would, and its memory is advised for
+huge pages where Linux offers them."""
 
 from __future__ import annotations
 
