@@ -202,10 +202,6 @@ static void attend_range(const Cache& c, const int64_t* table, int64_t kv, int64
 // tokens rather than per tile (one max, one rescale of the accumulators per chunk), then P @ V in
 // fp32 with the accumulators of up to HEADS_PER_PASS heads held in registers while V streams by.
 
-static inline __m512 widen_bf16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (exact)
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
 // Row pointers of tokens t0..t0+n-1 (KV head kv) of a K or V cache, walked block by block: one
 // table read per block and no division per token (a 64-bit division costs more than the token's math).
 static inline void token_rows(const uint16_t* cache, const Cache& c, const int64_t* table, int64_t kv, int64_t t0,
@@ -300,7 +296,7 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
         for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_loadu_ps(acc + (h0 + h) * D + 16 * x);
       for (int64_t j = 0; j < n; ++j) {
         __m512 v[DV];
-        for (int x = 0; x < DV; ++x) v[x] = widen_bf16(vrow[j] + 16 * x);
+        for (int x = 0; x < DV; ++x) v[x] = bf16x16_load(reinterpret_cast<const at::BFloat16*>(vrow[j] + 16 * x));
         for (int64_t h = 0; h < nh; ++h) {
           const __m512 pj = _mm512_set1_ps(sc[(h0 + h) * SOFTMAX_CHUNK + j]);
           for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_fmadd_ps(pj, v[x], a[h * DV + x]);

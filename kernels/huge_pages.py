@@ -2,17 +2,18 @@
 weights and the KV cache.
 
 Why: a decode step reads every weight once (~270 MB for the embedded model) and its rows' K/V
-scattered over the pool. On 4 KiB pages that is a TLB miss every 4 KiB, and the hardware prefetchers
-stop at each page boundary; on 2 MiB pages the AMX linear kernel reads its weights at ~20 GB/s
-instead of ~16 on this VM (one thread per core, batch 1-16).
+scattered over the pool. On 2 MiB pages the AMX linear kernel read one projection's weights at ~20
+GB/s instead of ~16 (2-core AMX VM, 16 rows; docs/PERFORMANCE.md), W1/W2/W3 ran 7-10% faster end
+to end. The likely reasons: a TLB miss every 4 KiB on small pages, and hardware prefetchers that
+stop at page boundaries.
 
 Linux backs an anonymous range with huge pages only where asked (transparent_hugepage "madvise",
 the common default) and only for whole 2 MiB pages, so weights (a layer's q/k/v projection is ~1 MB)
 are copied into shared 64 MiB chunks (`contiguous`: a bump allocator over chunks that are
 `madvise(MADV_HUGEPAGE)`d before their first touch). Each tensor is a view of its chunk's storage
 and keeps the chunk alive; the allocator holds only the chunk it is filling. A KV pool (`zeros`)
-gets pages of its own, freed with it. Where huge pages are
-not offered (another OS, THP "never"), the chunks are plain memory and nothing else changes.
+gets pages of its own, freed with it. Where huge pages are not offered (another OS, THP "never"),
+the memory is plain and nothing else changes.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ _arena = _Arena()
 
 
 def _nbytes(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def _as(raw: torch.Tensor, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:

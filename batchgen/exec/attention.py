@@ -40,7 +40,6 @@ class ChunkSegment:
     q_len: int
     ctx_len: int
     block_ids: torch.Tensor  # [blocks covering ctx_len]
-    mask: torch.Tensor | None  # [q_len, ctx_len] bool, None when the chunk starts at position 0
 
 
 @dataclass
@@ -100,8 +99,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [rows, max_blocks] int32, padded with block 0
     max_q_len: int = 0
     max_context_len: int = 0
-    # Masks of windowed layers, built on first use in a step: (group or chunk index, window) -> mask
-    window_masks: dict = field(default_factory=dict)
+    # Masks built on first use in a step (a step whose chunks take the C++ kernels builds none):
+    # (kind, group or chunk index, window) -> mask
+    masks: dict = field(default_factory=dict)
     # Shared-prefix groups among the one-token rows (ModelRunner.prepare), None: no group pays.
     cascade: CascadeGroups | None = None
     # Chunks over long cached prefixes, as rows of the CPU cascade kernel (ModelRunner.prepare).
@@ -133,27 +133,27 @@ def _math_attention(q, k, v, mask, scale, softcap):
 def _single_mask(g: SingleGroup, i: int, meta: AttentionMetadata, width: int, window: int, device):
     """[rows, 1, 1, width] bool of one-token rows: their context, cut to the last `window` keys."""
     key = ("single", i, window)
-    if key not in meta.window_masks:
+    if key not in meta.masks:
         j = torch.arange(width, device=device)
         ctx = g.ctx_lens.to(device) if g.ctx_lens is not None else g.mask.reshape(g.end - g.start, -1).sum(-1)
         keep = j[None, :] < ctx[:, None]
         if window:
             keep &= j[None, :] >= ctx[:, None] - window
-        meta.window_masks[key] = keep[:, None, None, :]
-    return meta.window_masks[key]
+        meta.masks[key] = keep[:, None, None, :]
+    return meta.masks[key]
 
 
 def _chunk_mask(c: ChunkSegment, i: int, meta: AttentionMetadata, window: int, device):
-    """[q_len, ctx] bool of a chunk: causal, cut to each query's last `window` keys."""
+    """[q_len, ctx] bool of a chunk: causal, cut to each query's last `window` keys (window 0: none)."""
     key = ("chunk", i, window)
-    if key not in meta.window_masks:
+    if key not in meta.masks:
         pos = c.ctx_len - c.q_len + torch.arange(c.q_len, device=device)
         j = torch.arange(c.ctx_len, device=device)
         keep = j[None, :] <= pos[:, None]
         if window:
             keep &= j[None, :] > pos[:, None] - window
-        meta.window_masks[key] = keep
-    return meta.window_masks[key]
+        meta.masks[key] = keep
+    return meta.masks[key]
 
 
 def _store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
@@ -242,7 +242,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                 o = _sdpa(qc[None], keys[None], vals[None], mask, scale)[0]
                 out[c.q_start:c.q_start + c.q_len] = o.transpose(0, 1)
             continue
-        # 4-D ([1, heads, len, d]): with 3-D inputs torch's CPU SDPA takes the slow math path.
-        o = _sdpa(qc[None], keys[None], vals[None], c.mask, scale, causal=c.mask is None)[0]
+        # 4-D ([1, heads, len, d]): with 3-D inputs torch's CPU SDPA takes the slow math path. A chunk
+        # from position 0 is plainly causal; one over a cached prefix needs the mask.
+        mask = _chunk_mask(c, i, meta, 0, q.device) if c.ctx_len > c.q_len else None
+        o = _sdpa(qc[None], keys[None], vals[None], mask, scale, causal=mask is None)[0]
         out[c.q_start:c.q_start + c.q_len] = o.transpose(0, 1)
     return out

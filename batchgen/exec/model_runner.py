@@ -154,10 +154,7 @@ class ModelRunner:
     def _chunk(self, q_start: int, start: int, n: int, table: torch.Tensor) -> ChunkSegment:
         """Torch backend: a multi-token chunk of n tokens at positions start.., its queries from q_start."""
         ctx = start + n
-        mask = None
-        if start > 0:  # causal over the cached prefix plus the chunk itself
-            mask = (torch.arange(ctx).unsqueeze(0) <= (start + torch.arange(n)).unsqueeze(1)).to(self.device)
-        return ChunkSegment(q_start, n, ctx, table[:cdiv(ctx, self.block_size)].to(self.device), mask)
+        return ChunkSegment(q_start, n, ctx, table[:cdiv(ctx, self.block_size)].to(self.device))
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
