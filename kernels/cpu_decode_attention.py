@@ -27,8 +27,12 @@ softmax chunk for its K/V row pointers. On CPUs with AMX-BF16, a job of at least
 shared pass: a group's members x heads) runs on AMX tiles instead: scores transposed (K rows
 times the packed queries, 16 tokens x 16 queries a tile), the softmax across each token's queries,
 then P (rounded to bf16, as GPU flash attention does) times V in pairs of tokens into 16 x 16
-accumulator tiles; `set_amx(False)` turns that off (tests compare the two). Both passes prefetch the K and V
-rows they read next, as a row's blocks are scattered over the pool. Jobs go to the threads in
+accumulator tiles. A smaller job (a decode row's query heads of one KV head) takes the small-group
+pass: the same score tiles but only nq columns wide, stored packed [tokens, nq], the softmax on
+that packed layout, then P @ V in fp32 registers with P rounded to bf16 (the sum l from the
+unrounded P), as torch's CPU flash attention (HF's SDPA, the parity oracle) does. `set_amx(False)`
+turns both AMX passes off (tests compare them with the bf16 pass). Every pass prefetches the K and V
+rows it reads next, as a row's blocks are scattered over the pool. Jobs go to the threads in
 contiguous ranges of equal keys (keys x queries for chunks), not of equal count: rows come sorted by
 context length, so a split by count gave the last thread most of the work. `decode_attention_ref`
 and `cascade_decode_attention_ref` (kernels/cascade_attention.py) are the torch references.
@@ -231,6 +235,31 @@ __attribute__((always_inline)) static inline void prefetch_tile(const uint16_t* 
     for (int b = 0; b < 2 * D; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(krow[j]) + b);
 }
 
+// acc [nq, D] += P @ V for the chunk's n V rows, P's entry (query h, token j) at p[h * hs + j * ts]:
+// up to HEADS_PER_PASS queries' accumulators in registers, each V row widened once per pass.
+template <int D>
+static inline void pv_accumulate(const uint16_t* const* vrow, int64_t n, const float* p, int64_t hs, int64_t ts,
+                                 int64_t nq, float* acc) {
+  constexpr int DV = D / 16;  // fp32 vectors per V row / accumulator
+  constexpr int HEADS_PER_PASS = 16 / DV;
+  for (int64_t h0 = 0; h0 < nq; h0 += HEADS_PER_PASS) {
+    const int64_t nh = std::min<int64_t>(HEADS_PER_PASS, nq - h0);
+    __m512 a[16];
+    for (int64_t h = 0; h < nh; ++h)
+      for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_loadu_ps(acc + (h0 + h) * D + 16 * x);
+    for (int64_t j = 0; j < n; ++j) {
+      __m512 v[DV];
+      for (int x = 0; x < DV; ++x) v[x] = bf16x16_load(reinterpret_cast<const at::BFloat16*>(vrow[j] + 16 * x));
+      for (int64_t h = 0; h < nh; ++h) {
+        const __m512 pj = _mm512_set1_ps(p[(h0 + h) * hs + j * ts]);
+        for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_fmadd_ps(pj, v[x], a[h * DV + x]);
+      }
+    }
+    for (int64_t h = 0; h < nh; ++h)
+      for (int x = 0; x < DV; ++x) _mm512_storeu_ps(acc + (h0 + h) * D + 16 * x, a[h * DV + x]);
+  }
+}
+
 // The group's queries q [group, D] (bf16, unscaled) of KV head kv attend tokens t0..t1-1 of
 // `table`, continuing the states m, l [group], acc [group, D]. sc: scratch [group, SOFTMAX_CHUNK].
 template <int D>
@@ -238,8 +267,6 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
                               const uint16_t* q, int64_t group, float scale, float* m, float* l, float* acc,
                               float* sc) {
   constexpr int KV = D / 32;  // bf16 vectors per K row
-  constexpr int DV = D / 16;  // fp32 vectors per V row / accumulator
-  constexpr int HEADS_PER_PASS = 16 / DV;
   const uint16_t* kp = static_cast<const uint16_t*>(c.k);
   const uint16_t* vp = static_cast<const uint16_t*>(c.v);
   // The chunk's K and V rows, and the next chunk's first tile of K (prefetched while this one ends).
@@ -288,23 +315,7 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
       l[h] = l[h] * alpha + _mm512_reduce_add_ps(sum);
       for (int64_t i = 0; i < D; ++i) acc[h * D + i] *= alpha;
     }
-    // P @ V: up to HEADS_PER_PASS heads' accumulators in registers; each V row widened once per pass.
-    for (int64_t h0 = 0; h0 < group; h0 += HEADS_PER_PASS) {
-      const int64_t nh = std::min<int64_t>(HEADS_PER_PASS, group - h0);
-      __m512 a[16];
-      for (int64_t h = 0; h < nh; ++h)
-        for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_loadu_ps(acc + (h0 + h) * D + 16 * x);
-      for (int64_t j = 0; j < n; ++j) {
-        __m512 v[DV];
-        for (int x = 0; x < DV; ++x) v[x] = bf16x16_load(reinterpret_cast<const at::BFloat16*>(vrow[j] + 16 * x));
-        for (int64_t h = 0; h < nh; ++h) {
-          const __m512 pj = _mm512_set1_ps(sc[(h0 + h) * SOFTMAX_CHUNK + j]);
-          for (int x = 0; x < DV; ++x) a[h * DV + x] = _mm512_fmadd_ps(pj, v[x], a[h * DV + x]);
-        }
-      }
-      for (int64_t h = 0; h < nh; ++h)
-        for (int x = 0; x < DV; ++x) _mm512_storeu_ps(acc + (h0 + h) * D + 16 * x, a[h * DV + x]);
-    }
+    pv_accumulate<D>(vrow, n, sc, SOFTMAX_CHUNK, 1, group, acc);
   }
 }
 #endif
@@ -520,6 +531,132 @@ static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, i
   }
   std::copy(accp, accp + nq * D, acc);
 }
+
+// The small-group pass (AMX CPUs, fewer than AMX_MIN_QUERIES queries: a decode row's query heads of
+// one KV head). The scores come from AMX tiles as in the AMX pass, but only nq columns wide and
+// stored packed, S^T [tokens, nq]: the bf16 pass spent most of its time on 16 dot products per
+// tile and their transpose-and-add trees. The softmax then runs on that packed layout (below) and
+// P @ V in fp32 registers as in the bf16 pass, but with P rounded to bf16 and l summed from the
+// unrounded P, as torch's CPU flash attention does: HF's SDPA, which greedy parity is held against
+// (with P kept in fp32, one of the bf16 parity prompts diverged at a three-ulp gap).
+
+// Tiles: 0 = S^T [16 tokens, nq] (fp32), 1, 4, 5, 6 = the query tiles (32 dims and nq queries each),
+// 2 and 3 = K tiles in turn.
+static void configure_small_tiles(int64_t nq) {
+  struct alignas(64) { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = {};
+  cfg.palette = 1;
+  for (int t : {0, 1, 4, 5, 6}) { cfg.colsb[t] = static_cast<uint16_t>(4 * nq); cfg.rows[t] = 16; }
+  for (int t : {2, 3}) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+  _tile_loadconfig(&cfg);
+}
+
+// Softmax over a chunk of n tokens' scores s [n, nq] (unscaled), merged with the running state
+// (m, l [nq], acc [nq, D]): p = exp(s * scale - m_new), rounded to bf16, overwrites s; l sums the
+// unrounded p. Entry e of s belongs to query
+// e % nq, so vectors k and k + nq of s (16 entries each) hold the same queries lane for lane: nq
+// running maxima (then sums), one per k mod nq, cover every query without a transpose.
+template <int D>
+static void softmax_packed(float* s, int64_t n, int64_t nq, float scale, float* m, float* l, float* acc) {
+  const int64_t total = n * nq, vecs = (total + 15) / 16;
+  auto lanes = [&](int64_t k) {
+    return static_cast<__mmask16>(total - 16 * k >= 16 ? 0xFFFFu : (1u << (total - 16 * k)) - 1u);
+  };
+  alignas(64) float lane[16 * 16];  // per k mod nq: 16 lanes of maxima, then of sums
+  alignas(64) float m_lane[16 * 16];  // per k mod nq: each lane's query's new maximum
+  float mx[16], alpha[16];
+  for (int64_t a = 0; a < nq; ++a) {
+    __m512 x = _mm512_set1_ps(NEG_BIG);
+    for (int64_t k = a; k < vecs; k += nq) x = _mm512_mask_max_ps(x, lanes(k), x, _mm512_loadu_ps(s + 16 * k));
+    _mm512_store_ps(lane + 16 * a, x);
+  }
+  std::fill(mx, mx + nq, NEG_BIG);
+  for (int64_t e = 0, h = 0; e < 16 * nq; ++e, h = h + 1 == nq ? 0 : h + 1) mx[h] = std::max(mx[h], lane[e]);
+  for (int64_t h = 0; h < nq; ++h) {
+    const float m_new = std::max(m[h], mx[h] * scale);
+    alpha[h] = m_new > m[h] ? std::exp(m[h] - m_new) : 1.f;
+    m[h] = m_new;
+  }
+  for (int64_t e = 0, h = 0; e < 16 * nq; ++e, h = h + 1 == nq ? 0 : h + 1) m_lane[e] = m[h];
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t a = 0; a < nq; ++a) {
+    const __m512 mv = _mm512_load_ps(m_lane + 16 * a);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t k = a; k < vecs; k += nq) {
+      const __mmask16 valid = lanes(k);
+      const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(valid, s + 16 * k), vscale, mv)));
+      _mm512_mask_storeu_ps(s + 16 * k, valid, _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(p)));
+      sum = _mm512_add_ps(sum, p);
+    }
+    _mm512_store_ps(lane + 16 * a, sum);
+  }
+  float sums[16] = {};
+  for (int64_t e = 0, h = 0; e < 16 * nq; ++e, h = h + 1 == nq ? 0 : h + 1) sums[h] += lane[e];
+  for (int64_t h = 0; h < nq; ++h) {
+    l[h] = l[h] * alpha[h] + sums[h];
+    const __m512 ah = _mm512_set1_ps(alpha[h]);
+    for (int x = 0; x < D / 16; ++x)
+      _mm512_storeu_ps(acc + h * D + 16 * x, _mm512_mul_ps(ah, _mm512_loadu_ps(acc + h * D + 16 * x)));
+  }
+}
+
+// As attend_range_bf16, for 1 <= nq < 16 queries packed by pack_queries (qb). Scratch: st
+// [SOFTMAX_CHUNK, nq] (the chunk's scores, then P); kbuf [16, D] (as in the AMX pass).
+template <int D>
+static void attend_range_amx_small(const Cache& c, const int64_t* table, int64_t kv, int64_t t0, int64_t t1,
+                                   const uint16_t* qb, int64_t nq, float scale, float* m, float* l, float* acc,
+                                   float* st, uint16_t* kbuf, int64_t& tile_cols) {
+  constexpr int KX = D / 32;  // K tiles (32 dims each) per token row
+  static_assert(KX == 2 || KX == 4, "head_dim 64 or 128");
+  const int64_t stride = c.kv_heads * c.d;
+  const uint16_t* kp = static_cast<const uint16_t*>(c.k);
+  const uint16_t* vp = static_cast<const uint16_t*>(c.v);
+  const uint16_t* krow[SOFTMAX_CHUNK + TILE];
+  const uint16_t* vrow[SOFTMAX_CHUNK];
+  if (tile_cols != nq) {  // loading a tile configuration costs about a microsecond: once per thread and call
+    configure_small_tiles(nq);
+    tile_cols = nq;
+  }
+  _tile_loadd(1, qb, 64);  // the queries stay in their tiles for the whole range
+  _tile_loadd(4, qb + 512, 64);
+  if constexpr (KX == 4) {
+    _tile_loadd(5, qb + 1024, 64);
+    _tile_loadd(6, qb + 1536, 64);
+  }
+  for (int64_t c0 = t0; c0 < t1; c0 += SOFTMAX_CHUNK) {
+    const int64_t n = std::min(SOFTMAX_CHUNK, t1 - c0);
+    const int64_t known = std::min(SOFTMAX_CHUNK + TILE, t1 - c0);
+    token_rows(kp, c, table, kv, c0, known, krow);
+    token_rows(vp, c, table, kv, c0, n, vrow);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t nt = std::min<int64_t>(16, n - j0);
+      prefetch_tile<D>(krow, vrow, j0, nt, known);
+      const uint16_t* a = krow[j0];
+      int64_t lda = 2 * stride;  // bytes between token rows
+      if (nt < 16 || krow[j0 + 15] != a + 15 * stride) {  // a partial tile, or one across two blocks
+        for (int64_t j = 0; j < 16; ++j) {
+          if (j < nt) std::copy(krow[j0 + j], krow[j0 + j] + D, kbuf + j * D);
+          else std::fill(kbuf + j * D, kbuf + (j + 1) * D, 0);
+        }
+        a = kbuf;
+        lda = 2 * D;
+      }
+      _tile_zero(0);
+      _tile_loadd(2, a, lda);
+      _tile_loadd(3, a + 32, lda);
+      _tile_dpbf16ps(0, 2, 1);
+      _tile_dpbf16ps(0, 3, 4);
+      if constexpr (KX == 4) {
+        _tile_loadd(2, a + 64, lda);
+        _tile_loadd(3, a + 96, lda);
+        _tile_dpbf16ps(0, 2, 5);
+        _tile_dpbf16ps(0, 3, 6);
+      }
+      _tile_stored(0, st + j0 * nq, 4 * nq);  // rows past nt (zeros) land past n, unread
+    }
+    softmax_packed<D>(st, n, nq, scale, m, l, acc);
+    pv_accumulate<D>(vrow, n, st, 1, nq, nq, acc);
+  }
+}
 #endif
 
 // f(begin, end) over jobs [0, n) in one contiguous range per thread, the ranges of equal total cost
@@ -545,21 +682,20 @@ static void parallel_jobs(int64_t n, const Cost& cost, const F& f) {
   });
 }
 
-// One thread's scratch for `attend` over up to nq queries of head_dim d. The AMX pass's buffers are
-// sized only where a job can take it (nq >= AMX_MIN_QUERIES): a decode call's per-thread scratch
-// stays small.
+// One thread's scratch for `attend` over up to nq queries of head_dim d. The AMX pass's own buffers
+// (accumulators, V pairs, P tiles) are sized only where a job can take it (nq >= AMX_MIN_QUERIES):
+// a decode call's per-thread scratch stays small.
 struct Scratch {
   std::vector<float> qf, kf, vf, s, sc;
-  std::vector<float> st, accp;           // the AMX pass's S^T / P^T and accumulators, per query tile
-  std::vector<uint16_t> qb, kb, vb, pa;  // its packed queries, gathered K rows, V pairs and P tiles
+  std::vector<float> st, accp;           // the AMX passes' scores / P, the AMX pass's accumulators
+  std::vector<uint16_t> qb, kb, vb, pa;  // packed queries, gathered K rows; the AMX pass's V pairs and P tiles
+  int64_t tile_cols = 0;  // the small-group pass's tile configuration in place (its nq), 0: none
   Scratch(int64_t nq, int64_t d)
-      : qf(nq * d), kf(TILE * d), vf(TILE * d), s(TILE), sc(nq * SOFTMAX_CHUNK) {
+      : qf(nq * d), kf(TILE * d), vf(TILE * d), s(TILE), sc(nq * SOFTMAX_CHUNK),
+        st((nq + 15) / 16 * 16 * SOFTMAX_CHUNK), qb((nq + 15) / 16 * std::max<int64_t>(d / 32, 1) * 512),
+        kb(TILE * d) {
     if (nq < AMX_MIN_QUERIES) return;
-    const int64_t qtiles = (nq + 15) / 16;
-    st.resize(qtiles * 16 * SOFTMAX_CHUNK);
-    accp.resize(qtiles * 16 * d);
-    qb.resize(qtiles * std::max<int64_t>(d / 32, 1) * 512);
-    kb.resize(TILE * d);
+    accp.resize((nq + 15) / 16 * 16 * d);
     vb.resize(SOFTMAX_CHUNK * d);
     pa.resize(SOFTMAX_CHUNK * 16);
   }
@@ -573,10 +709,16 @@ static void attend(const Cache& c, const int64_t* table, int64_t kv, int64_t t0,
                    float scale, float* m, float* l, float* acc, Scratch& w) {
 #if defined(BATCHGEN_AMX_ATTENTION)
   if constexpr (std::is_same_v<T, at::BFloat16> && (D == 64 || D == 128)) {
-    if (nq >= AMX_MIN_QUERIES && amx_enabled && amx_ready()) {
+    if (amx_enabled && amx_ready()) {
       pack_queries<D>(reinterpret_cast<const uint16_t*>(q), nq, w.qb.data());
-      attend_range_amx<D>(c, table, kv, t0, t1, w.qb.data(), nq, scale, m, l, acc, w.st.data(), w.kb.data(),
-                          w.accp.data(), w.vb.data(), w.pa.data());
+      if (nq >= AMX_MIN_QUERIES) {
+        attend_range_amx<D>(c, table, kv, t0, t1, w.qb.data(), nq, scale, m, l, acc, w.st.data(), w.kb.data(),
+                            w.accp.data(), w.vb.data(), w.pa.data());
+        w.tile_cols = 0;  // configure_tiles' layout
+      } else {
+        attend_range_amx_small<D>(c, table, kv, t0, t1, w.qb.data(), nq, scale, m, l, acc, w.st.data(),
+                                  w.kb.data(), w.tile_cols);
+      }
       return;
     }
   }

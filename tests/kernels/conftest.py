@@ -53,3 +53,15 @@ def device(request) -> str:
 def _triton_interpret_env(monkeypatch):
     """The setting the kernels were built with, visible to the code under test while it runs."""
     monkeypatch.setenv("TRITON_INTERPRET", _INTERPRET_VALUE)
+
+
+@pytest.fixture
+def amx_pass():
+    """The C++ attention module where its AMX passes can run here (else skip); left on afterwards."""
+    from batchgen.kernels.cpu_decode_attention import load
+
+    module = load()
+    if module is None or not module.set_amx(True):
+        pytest.skip("no AMX-BF16 tiles on this CPU (or build)")
+    yield module
+    module.set_amx(True)

@@ -142,16 +142,6 @@ def test_triton_kernel_chunks_and_no_groups(device):
     torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture
-def amx_pass():
-    """The C++ module where its AMX pass can run here (else skip); the pass is left on afterwards."""
-    module = load()
-    if module is None or not module.set_amx(True):
-        pytest.skip("no AMX-BF16 tiles on this CPU (or build)")
-    yield module
-    module.set_amx(True)
-
-
 @needs_cpp
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("block_size,shared", [(8, 37), (16, 20), (32, 3)])

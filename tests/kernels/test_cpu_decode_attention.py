@@ -94,3 +94,28 @@ def test_the_thread_split_changes_no_bit(dtype):
     ref = decode_attention_ref(q, k_cache, v_cache, tables, ctx, 0.125)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(outs[0].float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 8, 15])  # query heads per KV head: the small-group pass's nq
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_amx_small_group_pass_equals_the_bf16_pass_and_the_reference(amx_pass, group, d, block_size):
+    """Decode rows on AMX CPUs take the small-group pass (scores on tiles nq columns wide, softmax
+    on the packed [tokens, nq] scores, P rounded to bf16 for P @ V): contexts of 1 token, partial
+    tiles, tiles across two 8-token blocks, more than one 256-token softmax chunk, a sliding window;
+    against the reference and the bf16 pass (set_amx(False), P in fp32)."""
+    gen = torch.Generator().manual_seed(group * d + block_size)
+    kv_heads, num_blocks = 2, 2 * 700 // block_size
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(torch.bfloat16)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=gen).to(torch.bfloat16)
+    ctx = torch.tensor([1, 15, 16, 33, 256, 257, 600])
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:-(-600 // block_size)] for _ in ctx])
+    q = (3 * torch.randn(len(ctx), group * kv_heads, d, generator=gen)).to(torch.bfloat16)  # peaked: rescales matter
+    for window in (0, 100):
+        out = decode_attention(q, k_cache, v_cache, tables, ctx, d ** -0.5, window)
+        ref = decode_attention_ref(q, k_cache, v_cache, tables, ctx, d ** -0.5, window)
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        amx_pass.set_amx(False)
+        bf16_pass = decode_attention(q, k_cache, v_cache, tables, ctx, d ** -0.5, window)
+        amx_pass.set_amx(True)
+        torch.testing.assert_close(out.float(), bf16_pass.float(), atol=1e-2, rtol=1e-2)
