@@ -381,6 +381,23 @@ static void pack_queries(const uint16_t* q, int64_t nq, uint16_t* qb) {
     }
 }
 
+// The K rows of tokens krow[0..nt) as AMX A tiles' source: in place (lda = the cache's row stride)
+// when they are 16 consecutive rows of one block, else copied into kbuf [16, D] (zeros past nt).
+template <int D>
+static inline const uint16_t* k_tile(const uint16_t* const* krow, int64_t nt, int64_t stride, uint16_t* kbuf,
+                                     int64_t& lda) {
+  if (nt == 16 && krow[15] == krow[0] + 15 * stride) {
+    lda = 2 * stride;
+    return krow[0];
+  }
+  for (int64_t j = 0; j < 16; ++j) {
+    if (j < nt) std::copy(krow[j], krow[j] + D, kbuf + j * D);
+    else std::fill(kbuf + j * D, kbuf + (j + 1) * D, 0);
+  }
+  lda = 2 * D;
+  return kbuf;
+}
+
 // As attend_range_bf16, for queries packed by pack_queries (qb), nq >= 1, P rounded to bf16 for
 // P @ V (as GPU flash attention does). Scratch: st [ceil(nq / 16), SOFTMAX_CHUNK, 16] (the chunk's
 // S^T, then P^T); kbuf [16, D] (a tile's K rows when they are not 16 consecutive rows of one block);
@@ -410,16 +427,8 @@ static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, i
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int64_t nt = std::min<int64_t>(16, n - j0);
       prefetch_tile<D>(krow, vrow, j0, nt, known);
-      const uint16_t* a = krow[j0];
-      int64_t lda = 2 * stride;  // bytes between token rows
-      if (nt < 16 || krow[j0 + 15] != a + 15 * stride) {  // a partial tile, or one across two blocks
-        for (int64_t j = 0; j < 16; ++j) {
-          if (j < nt) std::copy(krow[j0 + j], krow[j0 + j] + D, kbuf + j * D);
-          else std::fill(kbuf + j * D, kbuf + (j + 1) * D, 0);
-        }
-        a = kbuf;
-        lda = 2 * D;
-      }
+      int64_t lda;  // bytes between the tile's token rows
+      const uint16_t* a = k_tile<D>(krow + j0, nt, stride, kbuf, lda);
       _tile_loadd(2, a, lda);
       _tile_loadd(3, a + 32, lda);
       if constexpr (KX == 4) {
@@ -630,16 +639,8 @@ static void attend_range_amx_small(const Cache& c, const int64_t* table, int64_t
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int64_t nt = std::min<int64_t>(16, n - j0);
       prefetch_tile<D>(krow, vrow, j0, nt, known);
-      const uint16_t* a = krow[j0];
-      int64_t lda = 2 * stride;  // bytes between token rows
-      if (nt < 16 || krow[j0 + 15] != a + 15 * stride) {  // a partial tile, or one across two blocks
-        for (int64_t j = 0; j < 16; ++j) {
-          if (j < nt) std::copy(krow[j0 + j], krow[j0 + j] + D, kbuf + j * D);
-          else std::fill(kbuf + j * D, kbuf + (j + 1) * D, 0);
-        }
-        a = kbuf;
-        lda = 2 * D;
-      }
+      int64_t lda;  // bytes between the tile's token rows
+      const uint16_t* a = k_tile<D>(krow + j0, nt, stride, kbuf, lda);
       _tile_zero(0);
       _tile_loadd(2, a, lda);
       _tile_loadd(3, a + 32, lda);
