@@ -561,9 +561,9 @@ static void configure_small_tiles(int64_t nq) {
 
 // Softmax over a chunk of n tokens' scores s [n, nq] (unscaled), merged with the running state
 // (m, l [nq], acc [nq, D]): p = exp(s * scale - m_new), rounded to bf16, overwrites s; l sums the
-// unrounded p. Entry e of s belongs to query
-// e % nq, so vectors k and k + nq of s (16 entries each) hold the same queries lane for lane: nq
-// running maxima (then sums), one per k mod nq, cover every query without a transpose.
+// unrounded p. Entry e of s belongs to query e % nq, so vectors k and k + nq of s (16 entries each)
+// hold the same queries lane for lane: nq running maxima (then sums), one per k mod nq, cover every
+// query without a transpose.
 template <int D>
 static void softmax_packed(float* s, int64_t n, int64_t nq, float scale, float* m, float* l, float* acc) {
   const int64_t total = n * nq, vecs = (total + 15) / 16;
@@ -621,7 +621,7 @@ static void attend_range_amx_small(const Cache& c, const int64_t* table, int64_t
   const uint16_t* vp = static_cast<const uint16_t*>(c.v);
   const uint16_t* krow[SOFTMAX_CHUNK + TILE];
   const uint16_t* vrow[SOFTMAX_CHUNK];
-  if (tile_cols != nq) {  // loading a tile configuration costs about a microsecond: once per thread and call
+  if (tile_cols != nq) {  // a tile configuration load cost ~0.4 us a job: once per thread and call
     configure_small_tiles(nq);
     tile_cols = nq;
   }
