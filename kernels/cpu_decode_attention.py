@@ -235,6 +235,33 @@ __attribute__((always_inline)) static inline void prefetch_tile(const uint16_t* 
     for (int b = 0; b < 2 * D; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(krow[j]) + b);
 }
 
+// The walk every bf16 pass (bf16, AMX, small-group) takes over tokens t0..t1-1 of `table` (KV head
+// kv), SOFTMAX_CHUNK tokens at a time: per chunk, its K and V row pointers (krow also holds the next
+// chunk's first tile, which the last tile's prefetch asks for); per tile of 16 tokens, once their
+// rows are asked for, tile(krow + j0, j0, nt); then chunk_end(vrow, c0, n). Forced inline, as
+// prefetch_tile, so each pass's lambdas compile into one loop.
+template <int D, typename Tile, typename ChunkEnd>
+__attribute__((always_inline)) static inline void walk_chunks(const Cache& c, const int64_t* table, int64_t kv,
+                                                              int64_t t0, int64_t t1, const Tile& tile,
+                                                              const ChunkEnd& chunk_end) {
+  const uint16_t* kp = static_cast<const uint16_t*>(c.k);
+  const uint16_t* vp = static_cast<const uint16_t*>(c.v);
+  const uint16_t* krow[SOFTMAX_CHUNK + TILE];
+  const uint16_t* vrow[SOFTMAX_CHUNK];
+  for (int64_t c0 = t0; c0 < t1; c0 += SOFTMAX_CHUNK) {
+    const int64_t n = std::min(SOFTMAX_CHUNK, t1 - c0);
+    const int64_t known = std::min(SOFTMAX_CHUNK + TILE, t1 - c0);  // krow entries filled
+    token_rows(kp, c, table, kv, c0, known, krow);
+    token_rows(vp, c, table, kv, c0, n, vrow);
+    for (int64_t j0 = 0; j0 < n; j0 += TILE) {
+      const int64_t nt = std::min<int64_t>(TILE, n - j0);
+      prefetch_tile<D>(krow, vrow, j0, nt, known);
+      tile(krow + j0, j0, nt);
+    }
+    chunk_end(static_cast<const uint16_t* const*>(vrow), c0, n);
+  }
+}
+
 // acc [nq, D] += P @ V for the chunk's n V rows, P's entry (query h, token j) at p[h * hs + j * ts]:
 // up to HEADS_PER_PASS queries' accumulators in registers, each V row widened once per pass.
 template <int D>
@@ -267,36 +294,25 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
                               const uint16_t* q, int64_t group, float scale, float* m, float* l, float* acc,
                               float* sc) {
   constexpr int KV = D / 32;  // bf16 vectors per K row
-  const uint16_t* kp = static_cast<const uint16_t*>(c.k);
-  const uint16_t* vp = static_cast<const uint16_t*>(c.v);
-  // The chunk's K and V rows, and the next chunk's first tile of K (prefetched while this one ends).
-  const uint16_t* krow[SOFTMAX_CHUNK + TILE];
-  const uint16_t* vrow[SOFTMAX_CHUNK];
-  for (int64_t c0 = t0; c0 < t1; c0 += SOFTMAX_CHUNK) {
-    const int64_t n = std::min(SOFTMAX_CHUNK, t1 - c0);
-    const int64_t known = std::min(SOFTMAX_CHUNK + TILE, t1 - c0);  // krow entries filled
-    token_rows(kp, c, table, kv, c0, known, krow);
-    token_rows(vp, c, table, kv, c0, n, vrow);
-    // Scores: tiles of 16 tokens, 16 sums per tree.
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-      const int64_t nt = std::min<int64_t>(16, n - j0);
-      prefetch_tile<D>(krow, vrow, j0, nt, known);
-      for (int64_t h = 0; h < group; ++h) {
-        __m512bh qv[KV];
-        for (int x = 0; x < KV; ++x) qv[x] = (__m512bh)_mm512_loadu_si512(q + h * D + 32 * x);
-        __m512 a[16];
-        for (int64_t j = 0; j < 16; ++j) {
-          if (j >= nt) { a[j] = _mm512_setzero_ps(); continue; }
-          const uint16_t* kr = krow[j0 + j];
-          __m512 x0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(kr));
-          for (int x = 1; x < KV; ++x) x0 = _mm512_dpbf16_ps(x0, qv[x], (__m512bh)_mm512_loadu_si512(kr + 32 * x));
-          a[j] = x0;
-        }
-        const __mmask16 valid = static_cast<__mmask16>((1u << nt) - 1u);
-        _mm512_mask_storeu_ps(sc + h * SOFTMAX_CHUNK + j0, valid, _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale)));
+  // Scores: tiles of 16 tokens, 16 sums per tree.
+  auto scores = [&](const uint16_t* const* krow, int64_t j0, int64_t nt) {
+    for (int64_t h = 0; h < group; ++h) {
+      __m512bh qv[KV];
+      for (int x = 0; x < KV; ++x) qv[x] = (__m512bh)_mm512_loadu_si512(q + h * D + 32 * x);
+      __m512 a[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        if (j >= nt) { a[j] = _mm512_setzero_ps(); continue; }
+        const uint16_t* kr = krow[j];
+        __m512 x0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(kr));
+        for (int x = 1; x < KV; ++x) x0 = _mm512_dpbf16_ps(x0, qv[x], (__m512bh)_mm512_loadu_si512(kr + 32 * x));
+        a[j] = x0;
       }
+      const __mmask16 valid = static_cast<__mmask16>((1u << nt) - 1u);
+      _mm512_mask_storeu_ps(sc + h * SOFTMAX_CHUNK + j0, valid, _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale)));
     }
-    // Softmax over the chunk, merged with the running state: p overwrites the scores.
+  };
+  // Softmax over the chunk, merged with the running state: p overwrites the scores; then P @ V.
+  auto chunk_end = [&](const uint16_t* const* vrow, int64_t, int64_t n) {
     for (int64_t h = 0; h < group; ++h) {
       float* s = sc + h * SOFTMAX_CHUNK;
       __m512 mx = _mm512_set1_ps(NEG_BIG);
@@ -316,7 +332,8 @@ static void attend_range_bf16(const Cache& c, const int64_t* table, int64_t kv, 
       for (int64_t i = 0; i < D; ++i) acc[h * D + i] *= alpha;
     }
     pv_accumulate<D>(vrow, n, sc, SOFTMAX_CHUNK, 1, group, acc);
-  }
+  };
+  walk_chunks<D>(c, table, kv, t0, t1, scores, chunk_end);
 }
 #endif
 
@@ -398,6 +415,28 @@ static inline const uint16_t* k_tile(const uint16_t* const* krow, int64_t nt, in
   return kbuf;
 }
 
+// The small-group pass's tiles (below): 0 = S^T [16 tokens, nq] (fp32), 1, 4, 5, 6 = the query
+// tiles (32 dims and nq queries each), 2 and 3 = K tiles in turn.
+static void configure_small_tiles(int64_t nq) {
+  struct alignas(64) { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = {};
+  cfg.palette = 1;
+  for (int t : {0, 1, 4, 5, 6}) { cfg.colsb[t] = static_cast<uint16_t>(4 * nq); cfg.rows[t] = 16; }
+  for (int t : {2, 3}) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+  _tile_loadconfig(&cfg);
+}
+
+// Loads the tile configuration for score tiles `cols` fp32 columns wide (16: configure_tiles' layout,
+// every tile 16 x 64 bytes; fewer: configure_small_tiles') unless it is the one in place. `current`
+// is the caller's record for this thread's run of jobs (0 at its start: none), so a run loads one
+// only when the pass changes; a load cost ~0.4 us a job. Nothing else on the thread touches the tiles
+// within a run (the linear kernels release theirs, which resets the configuration, between calls).
+static inline void use_tiles(int64_t cols, int64_t& current) {
+  if (current == cols) return;
+  if (cols == 16) configure_tiles();
+  else configure_small_tiles(cols);
+  current = cols;
+}
+
 // As attend_range_bf16, for queries packed by pack_queries (qb), nq >= 1, P rounded to bf16 for
 // P @ V (as GPU flash attention does). Scratch: st [ceil(nq / 16), SOFTMAX_CHUNK, 16] (the chunk's
 // S^T, then P^T); kbuf [16, D] (a tile's K rows when they are not 16 consecutive rows of one block);
@@ -406,7 +445,7 @@ static inline const uint16_t* k_tile(const uint16_t* const* krow, int64_t nt, in
 template <int D>
 static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, int64_t t0, int64_t t1,
                              const uint16_t* qb, int64_t nq, float scale, float* m, float* l, float* acc, float* st,
-                             uint16_t* kbuf, float* accp, uint16_t* vb, uint16_t* pa,
+                             uint16_t* kbuf, float* accp, uint16_t* vb, uint16_t* pa, int64_t& tile_cols,
                              const int32_t* qpos = nullptr) {
   constexpr int KX = D / 32;  // A tiles per K row
   constexpr int DV = D / 16;  // fp32 vectors per V row / accumulator; output tiles per query tile
@@ -414,43 +453,33 @@ static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, i
   const int64_t qtiles = (nq + 15) / 16, stride = c.kv_heads * c.d;
   std::copy(acc, acc + nq * D, accp);
   std::fill(accp + nq * D, accp + qtiles * 16 * D, 0.f);
-  const uint16_t* kp = static_cast<const uint16_t*>(c.k);
-  const uint16_t* vp = static_cast<const uint16_t*>(c.v);
-  const uint16_t* krow[SOFTMAX_CHUNK + TILE];
-  const uint16_t* vrow[SOFTMAX_CHUNK];
-  configure_tiles();
-  for (int64_t c0 = t0; c0 < t1; c0 += SOFTMAX_CHUNK) {
-    const int64_t n = std::min(SOFTMAX_CHUNK, t1 - c0);
-    const int64_t known = std::min(SOFTMAX_CHUNK + TILE, t1 - c0);
-    token_rows(kp, c, table, kv, c0, known, krow);
-    token_rows(vp, c, table, kv, c0, n, vrow);
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-      const int64_t nt = std::min<int64_t>(16, n - j0);
-      prefetch_tile<D>(krow, vrow, j0, nt, known);
-      int64_t lda;  // bytes between the tile's token rows
-      const uint16_t* a = k_tile<D>(krow + j0, nt, stride, kbuf, lda);
-      _tile_loadd(2, a, lda);
-      _tile_loadd(3, a + 32, lda);
-      if constexpr (KX == 4) {
-        _tile_loadd(4, a + 64, lda);
-        _tile_loadd(5, a + 96, lda);
-      }
-      for (int64_t qt = 0; qt < qtiles; ++qt) {
-        const uint16_t* b = qb + qt * KX * 512;
-        _tile_zero(0);
-        _tile_loadd(1, b, 64);
-        _tile_loadd(6, b + 512, 64);
-        _tile_dpbf16ps(0, 2, 1);
-        _tile_dpbf16ps(0, 3, 6);
-        if constexpr (KX == 4) {
-          _tile_loadd(1, b + 1024, 64);
-          _tile_loadd(6, b + 1536, 64);
-          _tile_dpbf16ps(0, 4, 1);
-          _tile_dpbf16ps(0, 5, 6);
-        }
-        _tile_stored(0, st + (qt * SOFTMAX_CHUNK + j0) * 16, 64);
-      }
+  use_tiles(16, tile_cols);
+  auto scores = [&](const uint16_t* const* krow, int64_t j0, int64_t nt) {
+    int64_t lda;  // bytes between the tile's token rows
+    const uint16_t* a = k_tile<D>(krow, nt, stride, kbuf, lda);
+    _tile_loadd(2, a, lda);
+    _tile_loadd(3, a + 32, lda);
+    if constexpr (KX == 4) {
+      _tile_loadd(4, a + 64, lda);
+      _tile_loadd(5, a + 96, lda);
     }
+    for (int64_t qt = 0; qt < qtiles; ++qt) {
+      const uint16_t* b = qb + qt * KX * 512;
+      _tile_zero(0);
+      _tile_loadd(1, b, 64);
+      _tile_loadd(6, b + 512, 64);
+      _tile_dpbf16ps(0, 2, 1);
+      _tile_dpbf16ps(0, 3, 6);
+      if constexpr (KX == 4) {
+        _tile_loadd(1, b + 1024, 64);
+        _tile_loadd(6, b + 1536, 64);
+        _tile_dpbf16ps(0, 4, 1);
+        _tile_dpbf16ps(0, 5, 6);
+      }
+      _tile_stored(0, st + (qt * SOFTMAX_CHUNK + j0) * 16, 64);
+    }
+  };
+  auto chunk_end = [&](const uint16_t* const* vrow, int64_t c0, int64_t n) {
     // Softmax across each token's queries, merged with the running state: P^T overwrites S^T.
     for (int64_t qt = 0; qt < qtiles; ++qt) {
       float* s = st + qt * SOFTMAX_CHUNK * 16;
@@ -537,7 +566,8 @@ static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, i
         _tile_stored(3, o + 16 * (dg + 3), 4 * D);
       }
     }
-  }
+  };
+  walk_chunks<D>(c, table, kv, t0, t1, scores, chunk_end);
   std::copy(accp, accp + nq * D, acc);
 }
 
@@ -548,16 +578,6 @@ static void attend_range_amx(const Cache& c, const int64_t* table, int64_t kv, i
 // P @ V in fp32 registers as in the bf16 pass, but with P rounded to bf16 and l summed from the
 // unrounded P, as torch's CPU flash attention does: HF's SDPA, which greedy parity is held against
 // (with P kept in fp32, one of the bf16 parity prompts diverged at a three-ulp gap).
-
-// Tiles: 0 = S^T [16 tokens, nq] (fp32), 1, 4, 5, 6 = the query tiles (32 dims and nq queries each),
-// 2 and 3 = K tiles in turn.
-static void configure_small_tiles(int64_t nq) {
-  struct alignas(64) { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = {};
-  cfg.palette = 1;
-  for (int t : {0, 1, 4, 5, 6}) { cfg.colsb[t] = static_cast<uint16_t>(4 * nq); cfg.rows[t] = 16; }
-  for (int t : {2, 3}) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
-  _tile_loadconfig(&cfg);
-}
 
 // Softmax over a chunk of n tokens' scores s [n, nq] (unscaled), merged with the running state
 // (m, l [nq], acc [nq, D]): p = exp(s * scale - m_new), rounded to bf16, overwrites s; l sums the
@@ -617,46 +637,34 @@ static void attend_range_amx_small(const Cache& c, const int64_t* table, int64_t
   constexpr int KX = D / 32;  // K tiles (32 dims each) per token row
   static_assert(KX == 2 || KX == 4, "head_dim 64 or 128");
   const int64_t stride = c.kv_heads * c.d;
-  const uint16_t* kp = static_cast<const uint16_t*>(c.k);
-  const uint16_t* vp = static_cast<const uint16_t*>(c.v);
-  const uint16_t* krow[SOFTMAX_CHUNK + TILE];
-  const uint16_t* vrow[SOFTMAX_CHUNK];
-  if (tile_cols != nq) {  // a tile configuration load cost ~0.4 us a job: once per thread and call
-    configure_small_tiles(nq);
-    tile_cols = nq;
-  }
+  use_tiles(nq, tile_cols);
   _tile_loadd(1, qb, 64);  // the queries stay in their tiles for the whole range
   _tile_loadd(4, qb + 512, 64);
   if constexpr (KX == 4) {
     _tile_loadd(5, qb + 1024, 64);
     _tile_loadd(6, qb + 1536, 64);
   }
-  for (int64_t c0 = t0; c0 < t1; c0 += SOFTMAX_CHUNK) {
-    const int64_t n = std::min(SOFTMAX_CHUNK, t1 - c0);
-    const int64_t known = std::min(SOFTMAX_CHUNK + TILE, t1 - c0);
-    token_rows(kp, c, table, kv, c0, known, krow);
-    token_rows(vp, c, table, kv, c0, n, vrow);
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-      const int64_t nt = std::min<int64_t>(16, n - j0);
-      prefetch_tile<D>(krow, vrow, j0, nt, known);
-      int64_t lda;  // bytes between the tile's token rows
-      const uint16_t* a = k_tile<D>(krow + j0, nt, stride, kbuf, lda);
-      _tile_zero(0);
-      _tile_loadd(2, a, lda);
-      _tile_loadd(3, a + 32, lda);
-      _tile_dpbf16ps(0, 2, 1);
-      _tile_dpbf16ps(0, 3, 4);
-      if constexpr (KX == 4) {
-        _tile_loadd(2, a + 64, lda);
-        _tile_loadd(3, a + 96, lda);
-        _tile_dpbf16ps(0, 2, 5);
-        _tile_dpbf16ps(0, 3, 6);
-      }
-      _tile_stored(0, st + j0 * nq, 4 * nq);  // rows past nt (zeros) land past n, unread
+  auto scores = [&](const uint16_t* const* krow, int64_t j0, int64_t nt) {
+    int64_t lda;  // bytes between the tile's token rows
+    const uint16_t* a = k_tile<D>(krow, nt, stride, kbuf, lda);
+    _tile_zero(0);
+    _tile_loadd(2, a, lda);
+    _tile_loadd(3, a + 32, lda);
+    _tile_dpbf16ps(0, 2, 1);
+    _tile_dpbf16ps(0, 3, 4);
+    if constexpr (KX == 4) {
+      _tile_loadd(2, a + 64, lda);
+      _tile_loadd(3, a + 96, lda);
+      _tile_dpbf16ps(0, 2, 5);
+      _tile_dpbf16ps(0, 3, 6);
     }
+    _tile_stored(0, st + j0 * nq, 4 * nq);  // rows past nt (zeros) land past n, unread
+  };
+  auto chunk_end = [&](const uint16_t* const* vrow, int64_t, int64_t n) {
     softmax_packed<D>(st, n, nq, scale, m, l, acc);
     pv_accumulate<D>(vrow, n, st, 1, nq, nq, acc);
-  }
+  };
+  walk_chunks<D>(c, table, kv, t0, t1, scores, chunk_end);
 }
 #endif
 
@@ -690,7 +698,7 @@ struct Scratch {
   std::vector<float> qf, kf, vf, s, sc;
   std::vector<float> st, accp;           // the AMX passes' scores / P, the AMX pass's accumulators
   std::vector<uint16_t> qb, kb, vb, pa;  // packed queries, gathered K rows; the AMX pass's V pairs and P tiles
-  int64_t tile_cols = 0;  // the small-group pass's tile configuration in place (its nq), 0: none
+  int64_t tile_cols = 0;  // the AMX passes' tile configuration in place (use_tiles), 0: none
   Scratch(int64_t nq, int64_t d)
       : qf(nq * d), kf(TILE * d), vf(TILE * d), s(TILE), sc(nq * SOFTMAX_CHUNK),
         st((nq + 15) / 16 * 16 * SOFTMAX_CHUNK), qb((nq + 15) / 16 * std::max<int64_t>(d / 32, 1) * 512),
@@ -714,8 +722,7 @@ static void attend(const Cache& c, const int64_t* table, int64_t kv, int64_t t0,
       pack_queries<D>(reinterpret_cast<const uint16_t*>(q), nq, w.qb.data());
       if (nq >= AMX_MIN_QUERIES) {
         attend_range_amx<D>(c, table, kv, t0, t1, w.qb.data(), nq, scale, m, l, acc, w.st.data(), w.kb.data(),
-                            w.accp.data(), w.vb.data(), w.pa.data());
-        w.tile_cols = 0;  // configure_tiles' layout
+                            w.accp.data(), w.vb.data(), w.pa.data(), w.tile_cols);
       } else {
         attend_range_amx_small<D>(c, table, kv, t0, t1, w.qb.data(), nq, scale, m, l, acc, w.st.data(),
                                   w.kb.data(), w.tile_cols);
@@ -897,7 +904,7 @@ static void chunk_rows(const torch::Tensor& q, const Cache& c, const int64_t* q_
       pack_queries<D>(qg.data(), nq, w.qb.data());
       attend_range_amx<D>(c, c.tables + ch * c.max_blocks, kv, 0, pos0[ch] + i0 + ntok, w.qb.data(), nq,
                           static_cast<float>(scale), m.data(), l.data(), acc.data(), w.st.data(), w.kb.data(),
-                          w.accp.data(), w.vb.data(), w.pa.data(), qpos.data());
+                          w.accp.data(), w.vb.data(), w.pa.data(), w.tile_cols, qpos.data());
       for (int64_t qi = 0; qi < nq; ++qi) {
         const float inv = 1.f / l[qi];
         for (int64_t x = 0; x < D; ++x) acc[qi * D + x] *= inv;

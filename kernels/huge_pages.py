@@ -3,9 +3,9 @@ weights and the KV cache.
 
 Why: a decode step reads every weight once (~270 MB for the embedded model) and its rows' K/V
 scattered over the pool. On 2 MiB pages the AMX linear kernel read one projection's weights at ~20
-GB/s instead of ~16 (2-core AMX VM, 16 rows; docs/PERFORMANCE.md), W1/W2/W3 ran 7-10% faster end
-to end. The likely reasons: a TLB miss every 4 KiB on small pages, and hardware prefetchers that
-stop at page boundaries.
+GB/s instead of ~16 (2-core AMX VM, 16 rows), and a decode step's linears took 13.0 ms instead of
+16.7 at 16 rows, 18.9 instead of 26.9 at 64 (docs/PERFORMANCE.md). The likely reasons: a TLB miss
+every 4 KiB on small pages, and hardware prefetchers that stop at page boundaries.
 
 Linux backs an anonymous range with huge pages only where asked (transparent_hugepage "madvise",
 the common default) and only for whole 2 MiB pages, so weights (a layer's q/k/v projection is ~1 MB)
