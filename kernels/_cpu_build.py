@@ -95,13 +95,22 @@ static inline __m512 exp16(__m512 x) {
 #define BF16X16 1  // the bf16 lane helpers below
 // Up to 16 bf16 values (n < 16: the first n, the rest read as 0) widened to fp32 lanes.
 // Full vectors take plain loads and stores; masks only for a row's tail.
+// 16 bf16 values (bits) widened to fp32 lanes.
+static inline __m512 bf16x16_widen(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
 static inline __m512 bf16x16_load(const at::BFloat16* src, int64_t n = 16) {
-  const __m256i h = n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
-                            : _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), src);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return bf16x16_widen(n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
+                               : _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), src));
 }
 // fp32 lanes -> bf16 bits, rounded as store_row rounds (to nearest even; NaN -> 0x7fc0).
 static inline __m256i bf16x16_bits(__m512 x) {
+#ifdef __AVX512BF16__
+  // The CPU's own rounding (two uops, against ten): the same bits except for NaNs (it keeps their
+  // sign and payload) and denormals (it flushes them to zero), which take the integer path below.
+  if (__builtin_expect(_mm512_fpclass_ps_mask(x, 0xA1 /* QNaN | SNaN | denormal */) == 0, 1))
+    return (__m256i)_mm512_cvtneps_pbh(x);
+#endif
   const __m512i u = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
@@ -110,14 +119,15 @@ static inline __m256i bf16x16_bits(__m512 x) {
   r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
   return _mm512_cvtepi32_epi16(r);
 }
+static inline void bf16x16_store_bits(at::BFloat16* dst, __m256i bits, int64_t n = 16) {
+  if (n >= 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bits);
+  else _mm256_mask_storeu_epi16(dst, __mmask16((1u << n) - 1), bits);
+}
 static inline void bf16x16_store(at::BFloat16* dst, __m512 x, int64_t n = 16) {
-  if (n >= 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bf16x16_bits(x));
-  else _mm256_mask_storeu_epi16(dst, __mmask16((1u << n) - 1), bf16x16_bits(x));
+  bf16x16_store_bits(dst, bf16x16_bits(x), n);
 }
 // x rounded to bf16 and widened back: what a store and a reload give.
-static inline __m512 bf16x16_round(__m512 x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16_bits(x)), 16));
-}
+static inline __m512 bf16x16_round(__m512 x) { return bf16x16_widen(bf16x16_bits(x)); }
 #endif
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)

@@ -45,8 +45,9 @@ static inline void rms_norm_row_bf16(const at::BFloat16* x, const at::BFloat16* 
     const int64_t n = std::min<int64_t>(16, hidden - i);  // lanes past n load as 0 and add nothing
     __m512 h = bf16x16_load(x + i, n);
     if (r) {
-      h = bf16x16_round(_mm512_add_ps(h, bf16x16_load(r + i, n)));
-      bf16x16_store(r_out + i, h, n);
+      const __m256i hb = bf16x16_bits(_mm512_add_ps(h, bf16x16_load(r + i, n)));
+      bf16x16_store_bits(r_out + i, hb, n);
+      h = bf16x16_widen(hb);
     }
     ss = _mm512_fmadd_ps(h, h, ss);
   }

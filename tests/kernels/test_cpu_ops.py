@@ -40,6 +40,32 @@ def test_rms_norm(dtype, with_residual, hidden):
         assert (out != ref).float().mean() < 0.01
 
 
+def test_bf16_rounding_matches_torch_on_special_values():
+    """The bf16 rounding (the CPU's instruction where it has AVX512-BF16, with NaNs and denormals
+    on the integer path) against torch's add, through rms_norm's residual sum: NaN, infinities,
+    overflow to infinity, denormal sums (kept, not flushed to zero) and sums exactly halfway between
+    two bf16 values (ties to even). Each kind in its own 16-lane vector, as the fast path decides
+    per vector."""
+    tiny = torch.finfo(torch.bfloat16).tiny
+    pairs = [  # (x, r) per lane
+        [(float("nan"), 0.0), (float("inf"), 0.0), (-float("inf"), 1.0), (3e38, 1e38), (-3e38, -1e38)],
+        [(-tiny, tiny / 2), (tiny / 4, tiny / 8), (-tiny / 4, -tiny / 2), (tiny, -tiny / 64), (tiny / 128, 0.0)],
+        [(1.0, 2 ** -8), (1.0 + 2 ** -7, 2 ** -8), (-1.0, -(2 ** -8)), (1.0, 2 ** -9), (256.0, 1.0), (0.0, -0.0)],
+    ]
+    x = torch.randn(3, 16, generator=_gen(3))
+    r = torch.randn(3, 16, generator=_gen(4))
+    for v, lanes in enumerate(pairs):
+        for lane, (a, b) in enumerate(lanes):
+            x[v, lane], r[v, lane] = a, b
+    xb, rb = x.view(1, 48).bfloat16(), r.view(1, 48).bfloat16()
+    _, residual = cpu_ops.rms_norm(xb, torch.ones(48, dtype=torch.bfloat16), 1e-6, rb)
+    expected = xb + rb  # torch's add: the fp32 sum, rounded once
+    assert (expected[0, 16:21] != 0).all() and (expected[0, 16:21].abs() < tiny).all()  # denormal sums
+    number = ~expected.isnan()
+    assert torch.equal(residual.isnan(), expected.isnan())
+    assert torch.equal(residual.view(torch.int16)[number], expected.view(torch.int16)[number])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul(dtype):
     gate_up = torch.randn(17, 2 * 300, generator=_gen(1)).mul(4).to(dtype)
