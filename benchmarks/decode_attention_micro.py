@@ -5,7 +5,8 @@ commit's, in one process, alternating, on a decode step's shapes (the embedded m
 Two layouts: `plain` (every row its own context, as W1's decode) and `shared` (the rows over 4
 shared prefixes of 24 blocks plus 50 tokens each, as W3's, through the shared-prefix kernel).
 `cold` rotates over 30 disjoint sets of blocks, one per layer, so K/V come from DRAM as in an engine
-step; `warm` repeats one set, which then sits in the cache.
+step; `warm` repeats one set, which then sits in the cache. On AMX CPUs a third table times the
+causal prefill chunk kernel (`chunk_attention`) on 4 chunks of 512 tokens.
 
     python -m benchmarks.decode_attention_micro [REV]   (REV: the older commit, 799853c by default)
 """
@@ -91,6 +92,37 @@ def main(rev: str = "799853c", rows: int = 64, ctx: int = 195, repeats: int = 5)
             unique_tokens = PREFIXES * PREFIX_BLOCKS * BLOCK + rows * SUFFIX if groups is not None else rows * ctx
             gbs = unique_tokens * KV_HEADS * HEAD_DIM * 2 * 2 / (new * 1e-6) / 1e9
             print(f"| {name} | {temp} | {old:.0f} | {new:.0f} | {old / new:.2f}x | {gbs:.1f} |")
+    if cpu_decode_attention.amx_available() and hasattr(kernels["old"], "chunk_attention"):
+        chunks(kernels, gen, repeats)
+
+
+def chunks(kernels: dict, gen: torch.Generator, repeats: int, num: int = 4, length: int = 512):
+    """Prefill: `num` causal chunks of `length` tokens from position 0 (W2's prompts), through the
+    AMX chunk kernel (chunk_attention), one layer's K/V (in cache after the first call)."""
+    blocks = length // BLOCK
+    k = torch.randn(num * blocks, BLOCK, KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    v = torch.randn(num * blocks, BLOCK, KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    tables = torch.randperm(num * blocks, generator=gen).view(num, blocks)
+    q = torch.randn(num * length, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    starts, lens, positions = torch.arange(num) * length, torch.full((num,), length), torch.zeros(num, dtype=torch.long)
+
+    def run(module):
+        out = torch.empty_like(q)
+        module.chunk_attention(q, k, v, tables, starts, lens, positions, HEAD_DIM ** -0.5, out)
+        return out
+
+    assert (run(kernels["old"]).float() - run(kernels["new"]).float()).abs().max() < 2e-2
+    times = {"old": [], "new": []}
+    for _ in range(repeats + 1):
+        for who, module in kernels.items():
+            t = time.perf_counter()
+            run(module)
+            times[who].append(time.perf_counter() - t)
+    old, new = (1e6 * statistics.median(times[w][1:]) for w in ("old", "new"))
+    flops = 4 * HEAD_DIM * HEADS * num * length * (length + 1) / 2  # QK^T and P @ V over the causal triangle
+    print(f"\n| prefill chunks ({num} x {length} tokens, AMX) | old us | new us | old / new | new GFLOP/s |")
+    print("|---|---|---|---|---|")
+    print(f"| one layer | {old:.0f} | {new:.0f} | {old / new:.2f}x | {flops / (new * 1e-6) / 1e9:.0f} |")
 
 
 if __name__ == "__main__":
