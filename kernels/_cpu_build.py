@@ -93,12 +93,12 @@ static inline __m512 exp16(__m512 x) {
 }
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
 #define BF16X16 1  // the bf16 lane helpers below
-// Up to 16 bf16 values (n < 16: the first n, the rest read as 0) widened to fp32 lanes.
-// Full vectors take plain loads and stores; masks only for a row's tail.
 // 16 bf16 values (bits) widened to fp32 lanes.
 static inline __m512 bf16x16_widen(__m256i bits) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
+// Up to 16 bf16 values (n < 16: the first n, the rest read as 0) widened to fp32 lanes.
+// Full vectors take plain loads and stores; masks only for a row's tail.
 static inline __m512 bf16x16_load(const at::BFloat16* src, int64_t n = 16) {
   return bf16x16_widen(n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
                                : _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), src));
