@@ -105,7 +105,7 @@ static inline __m512 bf16x16_load(const at::BFloat16* src, int64_t n = 16) {
 }
 // fp32 lanes -> bf16 bits, rounded as store_row rounds (to nearest even; NaN -> 0x7fc0).
 static inline __m256i bf16x16_bits(__m512 x) {
-#ifdef __AVX512BF16__
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
   // The CPU's own rounding (two uops, against ten): the same bits except for NaNs (it keeps their
   // sign and payload) and denormals (it flushes them to zero), which take the integer path below.
   if (__builtin_expect(_mm512_fpclass_ps_mask(x, 0xA1 /* QNaN | SNaN | denormal */) == 0, 1))
