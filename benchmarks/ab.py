@@ -39,7 +39,9 @@ def wall(checkout: Path, workload: str, extensions: Path) -> float:
     """Seconds of batchgen's generate on `workload`, run from `checkout` (its batchgen and kernels)."""
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions))
     done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--one", "batchgen", workload], cwd=checkout,
-                          env=env, capture_output=True, text=True, check=True)
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"benchmarks.run failed in {checkout}:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["wall"]
 
 

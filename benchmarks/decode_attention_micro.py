@@ -66,6 +66,17 @@ def call(module, q, k, v, tables, lens, groups):
     return module.cascade_decode_attention(q, k, v, tables, lens, HEAD_DIM ** -0.5, *groups)
 
 
+def alternate(kernels: dict, run, repeats: int) -> tuple[float, float]:
+    """Median us of run(module) for the old and the new kernel, taken in turn (the first round warms up)."""
+    times = {"old": [], "new": []}
+    for _ in range(repeats + 1):
+        for who, module in kernels.items():
+            t = time.perf_counter()
+            run(module)
+            times[who].append(time.perf_counter() - t)
+    return 1e6 * statistics.median(times["old"][1:]), 1e6 * statistics.median(times["new"][1:])
+
+
 def main(rev: str = "799853c", rows: int = 64, ctx: int = 195, repeats: int = 5):
     gen = torch.Generator().manual_seed(0)
     pool, cases = layouts(rows, ctx, gen)
@@ -81,14 +92,11 @@ def main(rev: str = "799853c", rows: int = 64, ctx: int = 195, repeats: int = 5)
         ref = call(kernels["old"], q, k, v, sets[0], lens, groups).float()
         assert (call(kernels["new"], q, k, v, sets[0], lens, groups).float() - ref).abs().max() < 2e-2
         for temp, used in (("cold", sets), ("warm", sets[:1] * LAYERS)):
-            times = {"old": [], "new": []}
-            for _ in range(repeats + 1):  # the first sweep warms up
-                for who, module in kernels.items():
-                    t = time.perf_counter()
-                    for tables in used:
-                        call(module, q, k, v, tables, lens, groups)
-                    times[who].append((time.perf_counter() - t) / LAYERS)
-            old, new = (1e6 * statistics.median(times[w][1:]) for w in ("old", "new"))
+            def sweep(module, used=used, lens=lens, groups=groups):
+                for tables in used:
+                    call(module, q, k, v, tables, lens, groups)
+
+            old, new = (t / LAYERS for t in alternate(kernels, sweep, repeats))
             unique_tokens = PREFIXES * PREFIX_BLOCKS * BLOCK + rows * SUFFIX if groups is not None else rows * ctx
             gbs = unique_tokens * KV_HEADS * HEAD_DIM * 2 * 2 / (new * 1e-6) / 1e9
             print(f"| {name} | {temp} | {old:.0f} | {new:.0f} | {old / new:.2f}x | {gbs:.1f} |")
@@ -112,13 +120,7 @@ def chunks(kernels: dict, gen: torch.Generator, repeats: int, num: int = 4, leng
         return out
 
     assert (run(kernels["old"]).float() - run(kernels["new"]).float()).abs().max() < 2e-2
-    times = {"old": [], "new": []}
-    for _ in range(repeats + 1):
-        for who, module in kernels.items():
-            t = time.perf_counter()
-            run(module)
-            times[who].append(time.perf_counter() - t)
-    old, new = (1e6 * statistics.median(times[w][1:]) for w in ("old", "new"))
+    old, new = alternate(kernels, run, repeats)
     flops = 4 * HEAD_DIM * HEADS * num * length * (length + 1) / 2  # QK^T and P @ V over the causal triangle
     print(f"\n| prefill chunks ({num} x {length} tokens, AMX) | old us | new us | old / new | new GFLOP/s |")
     print("|---|---|---|---|---|")

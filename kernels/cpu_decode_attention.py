@@ -70,10 +70,11 @@ constexpr int64_t AMX_MIN_QUERIES = 16;  // a job takes the AMX pass (where it r
 constexpr float LOG2E = 1.44269504f;
 
 // 2^x for 16 lanes, x <= 0: the AMX pass's softmax, whose scale folds log2(e) in, which spares
-// exp16's range reduction (10 instructions against 15; the pass ran 4-8% faster). x = n + f with n =
-// round(x) and |f| <= 1/2 exact, 2^f by a degree-6 minimax polynomial (relative error ~1e-7, as
-// exp16's), times 2^n (0 for very negative x, as for "no key seen yet"). The decode passes keep exp16:
-// they wait on memory, and with 2^x one of the bf16 parity prompts diverged at a three-ulp gap.
+// exp16's range reduction (10 instructions against 15; prefill chunks ran 4-8% faster, the shared
+// pass 0-7%). x = n + f with n = round(x) and |f| <= 1/2 exact, 2^f by a degree-6 minimax
+// polynomial (relative error ~1e-7, as exp16's), times 2^n (0 for very negative x, as for "no key
+// seen yet"). The decode passes keep exp16: they wait on memory, and with 2^x one of the bf16
+// parity prompts diverged at a three-ulp gap.
 static inline __m512 exp2_16(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
@@ -637,7 +638,7 @@ static void softmax_packed(float* s, int64_t n, int64_t nq, float scale, float* 
     for (int64_t k = a; k < vecs; k += nq) {
       const __mmask16 valid = lanes(k);
       const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(valid, s + 16 * k), vscale, mv)));
-      _mm512_mask_storeu_ps(s + 16 * k, valid, _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(p)));
+      _mm512_mask_storeu_ps(s + 16 * k, valid, bf16x16_round(p));
       sum = _mm512_add_ps(sum, p);
     }
     _mm512_store_ps(lane + 16 * a, sum);
