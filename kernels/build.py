@@ -12,10 +12,10 @@ import sys
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-    from . import cpu_amx_linear, cpu_avx2_linear, cpu_decode_attention, cpu_lora, cpu_moe, cpu_ops
+    from . import cpu_amx_linear, cpu_avx2_linear, cpu_decode_attention, cpu_decoder, cpu_lora, cpu_moe, cpu_ops
     from ._cpu_build import build_directory
 
-    for module in (cpu_ops, cpu_decode_attention, cpu_lora, cpu_moe, cpu_amx_linear, cpu_avx2_linear):
+    for module in (cpu_ops, cpu_decode_attention, cpu_lora, cpu_moe, cpu_amx_linear, cpu_avx2_linear, cpu_decoder):
         built = module.load()
         name = module.__name__.rsplit(".", 1)[-1]
         if built is None:

@@ -286,10 +286,19 @@ torch::Tensor gated_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch
 #endif
   return out;
 }
+
+// The kernels' addresses, for C++ callers in other extensions (kernels/cpu_decoder.py runs a decode
+// step's layers in one call): a direct call skips the Python round trip between kernels.
+std::unordered_map<std::string, int64_t> entry_points() {
+  return {
+      {"linear", reinterpret_cast<int64_t>(&linear)},
+      {"gated_linear", reinterpret_cast<int64_t>(&gated_linear)},
+  };
+}
 """
 
 load = lazy_build("batchgen_cpu_amx_linear", _SOURCE,
-                  ["amx_supported", "linear", "gated_linear"])
+                  ["amx_supported", "linear", "gated_linear", "entry_points"])
 
 
 def _cpu_may_have_amx() -> bool:

@@ -295,9 +295,20 @@ torch::Tensor argmax(torch::Tensor x) {
                                   [&] { argmax_impl<scalar_t>(x, out); });
   return out;
 }
+
+// The kernels' addresses, for C++ callers in other extensions (kernels/cpu_decoder.py runs a decode
+// step's layers in one call): a direct call skips the Python round trip between kernels.
+std::unordered_map<std::string, int64_t> entry_points() {
+  return {
+      {"rms_norm", reinterpret_cast<int64_t>(&rms_norm)},
+      {"rotary_embedding_", reinterpret_cast<int64_t>(&rotary_embedding_)},
+      {"store_kv", reinterpret_cast<int64_t>(&store_kv)},
+  };
+}
 """
 
-load = lazy_build("batchgen_cpu_ops", _SOURCE, ["rms_norm", "silu_mul", "rotary_embedding_", "argmax", "store_kv"])
+load = lazy_build("batchgen_cpu_ops", _SOURCE,
+                  ["rms_norm", "silu_mul", "rotary_embedding_", "argmax", "store_kv", "entry_points"])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchgen.exec.attention import AttentionMetadata, paged_attention
+from batchgen.kernels import cpu_decoder
 from batchgen.models import fused
 from batchgen.models.packed_linear import PackedGateUp, PackedLinear, pack_linears
 from batchgen.models.sliding_window import layer_windows
@@ -170,6 +171,7 @@ class LlamaForCausalLM(nn.Module):
         attn = self.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.tied_head_packed: PackedLinear | None = None  # the LM head's packed copy of the embedding (pack_for_cpu)
+        self.cpu_decoder = None  # kernels/cpu_decoder.py's stack: a decode step's layers in one C++ call (pack_for_cpu)
         # Not a buffer: tables are built on first use, in fp32, on the device of the weights.
         self.inv_freq = rope_inv_freq(self.head_dim, *rope_parameters(config))  # [head_dim / 2]
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -188,10 +190,43 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [tokens]; returns hidden states [tokens, hidden] before the final norm."""
         x = self.embed_tokens(input_ids)  # [tokens, hidden]
         rope = (*self.rope_tables(meta.max_position + 1, x), positions)
+        if self.cpu_decoder is not None and self._decode_in_one_call(meta):
+            g, c = meta.single_groups[0], meta.cascade
+            return self.cpu_decoder.forward(x, *rope, meta.slot_mapping, g.block_tables, g.ctx_lens, kv_caches,
+                                            [] if c is None else [c.rows, c.starts, c.blocks])
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, rope, kv_cache, meta)
         return x + residual
+
+    def _decode_in_one_call(self, meta: AttentionMetadata) -> bool:
+        """Whether this step is one the C++ stack runs as the layers would: one token per row, all
+        through the CPU decode kernel (one group, in place), and no LoRA adapter on the layers."""
+        attn = self.layers[0].self_attn
+        return (not meta.chunks and len(meta.single_groups) == 1 and meta.single_groups[0].ctx_lens is not None
+                and attn.lora is None and attn.attention_fn is paged_attention)
+
+    def _cpu_decoder_stack(self):
+        """The C++ decode stack over these layers (kernels/cpu_decoder.py) where each is a plain
+        Llama layer (no q/k norm, window or softcap) with every projection on the AMX kernel; else None."""
+        def plain(layer) -> bool:
+            a, m = layer.self_attn, layer.mlp
+            return (type(layer) is DecoderLayer and type(a) is Attention and type(m) is MLP and not a.qk_norm
+                    and not a.window and not a.softcap and isinstance(m.gate_up_proj, PackedGateUp)
+                    and all(type(p) is PackedLinear and p.backend == "amx" for p in (a.qkv_proj, a.o_proj, m.down_proj)))
+
+        if not all(plain(layer) for layer in self.layers):
+            return None
+        weights, biases = [], []
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            weights += [layer.input_layernorm.weight.data, a.qkv_proj.packed, a.o_proj.packed,
+                        layer.post_attention_layernorm.weight.data, m.gate_up_proj.packed, m.down_proj.packed]
+            biases += [a.qkv_proj.bias, a.o_proj.bias, m.gate_up_proj.bias, m.down_proj.bias]
+        a = self.layers[0].self_attn
+        return cpu_decoder.decoder_stack(weights, biases, a.num_heads, a.num_kv_heads, a.head_dim,
+                                         self.layers[0].mlp.gate_up_proj.inter, self.layers[0].input_layernorm.eps,
+                                         a.scale)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, hidden] -> logits [rows, vocab] in the model's dtype (callers upcast if they need)."""
@@ -208,6 +243,7 @@ class LlamaForCausalLM(nn.Module):
         pack_linears(self)
         if self.tie_word_embeddings:
             self.tied_head_packed = PackedLinear(self.embed_tokens.weight)
+        self.cpu_decoder = self._cpu_decoder_stack()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the fused layout; every parameter must be filled exactly once."""
