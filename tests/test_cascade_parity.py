@@ -1,6 +1,8 @@
 """Cascade (shared-prefix) attention end to end: rows over a few shared system prompts generate
-HF's greedy tokens on the embedded model, the cascade kernel really ran on grouped decode rows, and
-the questions after a cached system prompt were attended as one-token rows (PrefixChunks)."""
+HF's greedy tokens on the embedded model, the runner grouped decode rows for the cascade kernel, and
+the questions after a cached system prompt were attended as one-token rows (PrefixChunks).
+In bf16 on AMX CPUs the decode steps run in the C++ stack (kernels/cpu_decoder.py), which calls the
+cascade kernel itself; tests/kernels/test_cpu_decoder.py holds it to the layers' bits."""
 
 from __future__ import annotations
 
@@ -27,15 +29,17 @@ def _prompts(rows: int = 6) -> list[list[int]]:
 
 
 def _spy(monkeypatch) -> tuple[list, list, list]:
-    """(calls of the cascade kernel as (rows, groups), the PrefixChunks the runner built, calls of the
-    AMX chunk kernel)."""
+    """(the decode steps' cascade groups the runner built, as (grouped rows, groups); the PrefixChunks
+    it built; calls of the AMX chunk kernel)."""
     calls, prefix_chunks, chunk_calls = [], [], []
     real_chunk_kernel = attention.cpu_chunk_attention
-    real_kernel, real_prefix_chunks = attention.cascade_decode_attention_cpu, ModelRunner._prefix_chunks
+    real_cascade, real_prefix_chunks = ModelRunner._cascade, ModelRunner._prefix_chunks
 
-    def counting(q, *args):  # the real kernel, counted
-        calls.append((q.shape[0], len(args[-1])))
-        return real_kernel(q, *args)
+    def counting(self, *args):
+        out = real_cascade(self, *args)
+        if out is not None:
+            calls.append((len(out.rows), len(out.blocks)))
+        return out
 
     def recording(self, *args):
         out = real_prefix_chunks(self, *args)
@@ -47,7 +51,7 @@ def _spy(monkeypatch) -> tuple[list, list, list]:
         chunk_calls.append(args[4].shape[0])  # the chunks
         return real_chunk_kernel(*args)
 
-    monkeypatch.setattr(attention, "cascade_decode_attention_cpu", counting)
+    monkeypatch.setattr(ModelRunner, "_cascade", counting)
     monkeypatch.setattr(ModelRunner, "_prefix_chunks", recording)
     monkeypatch.setattr(attention, "cpu_chunk_attention", counting_chunks)
     return calls, prefix_chunks, chunk_calls
