@@ -3,8 +3,8 @@
 Semantics: `DecoderStack.forward` returns what the model's per-layer Python forward returns for a
 decode-only step (batchgen/models/llama.py: `LlamaForCausalLM.forward` after the embedding): per
 layer RMSNorm (with the residual add from the second layer on), the fused q/k/v projection, RoPE,
-the new K/V into the cache, decode attention over the paged cache (the shared-prefix kernel when
-the step has cascade groups), the o projection, RMSNorm with the residual, gate/up with SwiGLU in
+the new K/V into the cache, decode attention over the paged cache (over the layer's sliding window
+if it has one; else the shared-prefix kernel when the step has cascade groups), the o projection, RMSNorm with the residual, gate/up with SwiGLU in
 the epilogue, down; then hidden + residual. It calls the same kernels in the same order on the same
 tensors, so its output is bit-identical to that path (tests/kernels/test_cpu_decoder.py).
 
@@ -51,6 +51,7 @@ static F entry(const std::unordered_map<std::string, int64_t>& kernels, const st
 struct Layer {
   torch::Tensor input_norm, qkv, o, post_norm, gate_up, down;        // norm weights; packed AMX weights
   c10::optional<torch::Tensor> qkv_bias, o_bias, gate_up_bias, down_bias;  // fp32, or none
+  int64_t window;  // sliding-window size (0: full attention)
 };
 
 struct DecoderStack {
@@ -66,17 +67,18 @@ struct DecoderStack {
   CascadeAttention cascade_attention;
 
   // weights: 6 per layer (input norm, qkv, o, post-attention norm, gate_up, down); biases: 4 per layer
-  // (qkv, o, gate_up, down; None where the layer has none). dims: heads, kv_heads, head_dim, inter.
+  // (qkv, o, gate_up, down; None where the layer has none); windows: 1 per layer. dims: heads,
+  // kv_heads, head_dim, inter.
   DecoderStack(std::vector<torch::Tensor> weights, std::vector<c10::optional<torch::Tensor>> biases,
-               std::vector<int64_t> dims, double eps, double scale,
+               std::vector<int64_t> windows, std::vector<int64_t> dims, double eps, double scale,
                std::unordered_map<std::string, int64_t> kernels)
       : heads(dims.at(0)), kv_heads(dims.at(1)), head_dim(dims.at(2)), inter(dims.at(3)), eps(eps), scale(scale) {
-    TORCH_CHECK(weights.size() % 6 == 0 && biases.size() == weights.size() / 6 * 4,
-                "DecoderStack: 6 weights and 4 biases per layer");
-    for (size_t i = 0; i < weights.size() / 6; ++i) {
+    TORCH_CHECK(weights.size() == 6 * windows.size() && biases.size() == 4 * windows.size(),
+                "DecoderStack: 6 weights, 4 biases and a window per layer");
+    for (size_t i = 0; i < windows.size(); ++i) {
       const auto* w = &weights[6 * i];
       const auto* b = &biases[4 * i];
-      layers.push_back(Layer{w[0], w[1], w[2], w[3], w[4], w[5], b[0], b[1], b[2], b[3]});
+      layers.push_back(Layer{w[0], w[1], w[2], w[3], w[4], w[5], b[0], b[1], b[2], b[3], windows[i]});
     }
     rms_norm = entry<RmsNorm>(kernels, "rms_norm");
     rotary = entry<Rotary>(kernels, "rotary_embedding_");
@@ -118,8 +120,8 @@ struct DecoderStack {
       const torch::Tensor& cache = kv_caches[i];
       store_kv(k, v, cache, slot_mapping);
       const torch::Tensor k_cache = cache.select(0, 0), v_cache = cache.select(0, 1);
-      const torch::Tensor o = cascade.empty()
-          ? decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale, 0)
+      const torch::Tensor o = cascade.empty() || L.window
+          ? decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale, L.window)
           : cascade_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale, cascade[0], cascade[1], cascade[2]);
       h = linear(o.view({t, q_size}), L.o, L.o_bias, hidden);
       auto hr = rms_norm(h, L.post_norm, eps, residual);
@@ -134,7 +136,7 @@ struct DecoderStack {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecoderStack>(m, "DecoderStack")
       .def(py::init<std::vector<torch::Tensor>, std::vector<c10::optional<torch::Tensor>>, std::vector<int64_t>,
-                    double, double, std::unordered_map<std::string, int64_t>>())
+                    std::vector<int64_t>, double, double, std::unordered_map<std::string, int64_t>>())
       .def("forward", &DecoderStack::forward);
 }
 """
@@ -153,11 +155,11 @@ def kernel_entry_points() -> dict[str, int] | None:
     return points
 
 
-def decoder_stack(weights: list[torch.Tensor], biases: list[torch.Tensor | None], heads: int, kv_heads: int,
-                  head_dim: int, inter: int, eps: float, scale: float):
+def decoder_stack(weights: list[torch.Tensor], biases: list[torch.Tensor | None], windows: list[int], heads: int,
+                  kv_heads: int, head_dim: int, inter: int, eps: float, scale: float):
     """The bound stack (`forward` as in the C++ above), or None where the kernels cannot be built."""
     module = load()
     points = kernel_entry_points()
     if module is None or points is None:
         return None
-    return module.DecoderStack(weights, biases, [heads, kv_heads, head_dim, inter], eps, scale, points)
+    return module.DecoderStack(weights, biases, windows, [heads, kv_heads, head_dim, inter], eps, scale, points)

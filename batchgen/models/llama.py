@@ -208,11 +208,11 @@ class LlamaForCausalLM(nn.Module):
 
     def _cpu_decoder_stack(self):
         """The C++ decode stack over these layers (kernels/cpu_decoder.py) where each is a plain
-        Llama layer (no q/k norm, window or softcap) with every projection on the AMX kernel; else None."""
+        Llama layer (no q/k norm or softcap) with every projection on the AMX kernel; else None."""
         def plain(layer) -> bool:
             a, m = layer.self_attn, layer.mlp
             return (type(layer) is DecoderLayer and type(a) is Attention and type(m) is MLP and not a.qk_norm
-                    and not a.window and not a.softcap and isinstance(m.gate_up_proj, PackedGateUp)
+                    and not a.softcap and isinstance(m.gate_up_proj, PackedGateUp)
                     and all(type(p) is PackedLinear and p.backend == "amx" for p in (a.qkv_proj, a.o_proj, m.down_proj)))
 
         if not all(plain(layer) for layer in self.layers):
@@ -223,8 +223,8 @@ class LlamaForCausalLM(nn.Module):
             weights += [layer.input_layernorm.weight.data, a.qkv_proj.packed, a.o_proj.packed,
                         layer.post_attention_layernorm.weight.data, m.gate_up_proj.packed, m.down_proj.packed]
             biases += [a.qkv_proj.bias, a.o_proj.bias, m.gate_up_proj.bias, m.down_proj.bias]
-        a = self.layers[0].self_attn
-        return cpu_decoder.decoder_stack(weights, biases, a.num_heads, a.num_kv_heads, a.head_dim,
+        a, windows = self.layers[0].self_attn, [layer.self_attn.window for layer in self.layers]
+        return cpu_decoder.decoder_stack(weights, biases, windows, a.num_heads, a.num_kv_heads, a.head_dim,
                                          self.layers[0].mlp.gate_up_proj.inter, self.layers[0].input_layernorm.eps,
                                          a.scale)
 

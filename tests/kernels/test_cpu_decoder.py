@@ -57,6 +57,20 @@ def test_stack_with_biases_and_tied_head(tiny_model_dir):
     assert seen and not any(seen)
 
 
+def test_stack_with_sliding_window_layers(tmp_path, smol_dir):
+    """Qwen2 with a sliding window (12 tokens) on its second layer only: a step with shared-prefix
+    groups takes the cascade kernel in the first layer and the windowed decode pass in the second."""
+    from tests.tiny_models import make_tiny
+
+    llm = LLM(make_tiny(tmp_path, smol_dir, "qwen2_window"), dtype="bfloat16")
+    assert [layer.self_attn.window for layer in llm.engine.model.layers] == [0, 12]
+    seen = checked(llm)
+    prefix = list(range(10, 74))
+    llm.generate([prefix + [100 + i] for i in range(4)], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                 use_tqdm=False)
+    assert True in seen
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_stack_only_for_plain_llama_layers(tiny_model_dir, arch):
     """Qwen3's q/k norm is not in the stack: its model keeps the layer-by-layer forward."""
