@@ -6,6 +6,7 @@ The batch is one flat sequence of tokens without padding: `input_ids`, `position
 
 from __future__ import annotations
 
+import array
 import itertools
 import time
 from dataclasses import replace
@@ -61,23 +62,34 @@ class ModelRunner:
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
 
+    @staticmethod
+    def _int64(values) -> torch.Tensor:
+        """int64 [len(values)] on the CPU from Python ints, through array.array: torch.tensor on a
+        list converts element by element (a W3 decode step's block tables: 285 -> 87 us)."""
+        buf = array.array("q", values)
+        return torch.frombuffer(buf, dtype=torch.long) if buf else torch.empty(0, dtype=torch.long)
+
     def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         rows = sched.scheduled
         bs = self.block_size
         lens = [r.num_tokens for r in rows]
         starts = [r.start_pos for r in rows]
-        input_ids = self._tensor(list(itertools.chain.from_iterable(r.token_ids for r in rows)))  # [tokens]
-
+        input_ids = self._int64(itertools.chain.from_iterable(r.token_ids for r in rows)).to(self.device)  # [tokens]
+        # Per token, as Python ints: its position, and its cache slot through its row's block table.
+        positions = self._int64(p for s, n in zip(starts, lens) for p in range(s, s + n))  # [tokens]
+        slot_mapping = self._int64(r.block_ids[p // bs] * bs + p % bs
+                                   for r, s, n in zip(rows, starts, lens) for p in range(s, s + n))  # [tokens]
         lens_t = torch.tensor(lens)
-        row_of_token = torch.repeat_interleave(torch.arange(len(rows)), lens_t)  # [tokens]
         first_token = torch.cumsum(lens_t, 0) - lens_t  # [rows]
-        positions = torch.arange(int(lens_t.sum())) - first_token[row_of_token] + torch.tensor(starts)[row_of_token]
 
         # Block table of every row, padded with block 0 (masked out wherever it is read).
         max_blocks = max(cdiv(s + n, bs) for s, n in zip(starts, lens))
-        tables = torch.tensor([r.block_ids[:max_blocks] + [0] * (max_blocks - len(r.block_ids[:max_blocks]))
-                               for r in rows])  # [rows, max_blocks]
-        slot_mapping = tables[row_of_token, positions // bs] * bs + positions % bs  # [tokens]
+        flat = array.array("q")
+        for r in rows:
+            ids = r.block_ids[:max_blocks]
+            flat.extend(ids)
+            flat.extend(itertools.repeat(0, max_blocks - len(ids)))
+        tables = torch.frombuffer(flat, dtype=torch.long).view(len(rows), max_blocks)  # [rows, max_blocks]
 
         num_single = sum(1 for n in lens if n == 1)  # first in the batch, shortest context first
         meta = AttentionMetadata(slot_mapping=slot_mapping.to(self.device), num_single=num_single,

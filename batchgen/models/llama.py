@@ -5,7 +5,9 @@ query/key head. q/k/v and gate/up are fused into one GEMM each, the layout the m
 loader splits HF checkpoints into those fused weights. The residual add rides along with the next
 RMSNorm, and RMSNorm, RoPE and SiLU-and-mul run as fused kernels (batchgen/models/fused.py).
 Numerics follow HF (RMSNorm statistics in fp32, RoPE tables in fp32) so greedy outputs match HF
-`generate` token for token in fp32.
+`generate` token for token in fp32. On CPUs with AMX tiles, decode-only steps run the same kernels
+for all layers from one C++ call (kernels/cpu_decoder.py, bound at pack_for_cpu): same bits, without
+the Python between the kernels.
 """
 
 from __future__ import annotations
