@@ -24,6 +24,12 @@ logger = logging.getLogger("batchgen")
 ROW_CONVERSIONS = r"""
 #include <torch/extension.h>
 #include <cstdint>
+#include <unordered_map>
+
+// One entry of an extension's `entry_points()`: a C++ kernel's name and address, for C++ callers
+// in other extensions (kernels/cpu_decoder.py runs a decode step's layers in one call): a direct
+// call skips the Python round trip between kernels.
+#define ENTRY_POINT(f) {#f, reinterpret_cast<int64_t>(&f)}
 
 // Row conversions to and from fp32 scratch. For bf16 they are bit operations (widen = shift, narrow
 // = round to nearest even) written so the compiler vectorizes them; c10's scalar casts do not.

@@ -287,13 +287,8 @@ torch::Tensor gated_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch
   return out;
 }
 
-// The kernels' addresses, for C++ callers in other extensions (kernels/cpu_decoder.py runs a decode
-// step's layers in one call): a direct call skips the Python round trip between kernels.
-std::unordered_map<std::string, int64_t> entry_points() {
-  return {
-      {"linear", reinterpret_cast<int64_t>(&linear)},
-      {"gated_linear", reinterpret_cast<int64_t>(&gated_linear)},
-  };
+std::unordered_map<std::string, int64_t> entry_points() {  // for kernels/cpu_decoder.py
+  return {ENTRY_POINT(linear), ENTRY_POINT(gated_linear)};
 }
 """
 

@@ -1018,13 +1018,8 @@ torch::Tensor cascade_decode_attention(torch::Tensor q, torch::Tensor k_cache, t
   return out;
 }
 
-// The kernels' addresses, for C++ callers in other extensions (kernels/cpu_decoder.py runs a decode
-// step's layers in one call): a direct call skips the Python round trip between kernels.
-std::unordered_map<std::string, int64_t> entry_points() {
-  return {
-      {"decode_attention", reinterpret_cast<int64_t>(&decode_attention)},
-      {"cascade_decode_attention", reinterpret_cast<int64_t>(&cascade_decode_attention)},
-  };
+std::unordered_map<std::string, int64_t> entry_points() {  // for kernels/cpu_decoder.py
+  return {ENTRY_POINT(decode_attention), ENTRY_POINT(cascade_decode_attention)};
 }
 """
 

@@ -26,8 +26,6 @@ from . import cpu_amx_linear, cpu_decode_attention, cpu_ops
 from ._cpu_build import lazy_build
 
 _SOURCE = r"""
-#include <unordered_map>
-
 // The kernels this forward calls, as their extensions define them (cpu_ops.py, cpu_amx_linear.py,
 // cpu_decode_attention.py). A signature changed there must change here: the test compares this
 // forward with the Python one, bit for bit.

@@ -296,14 +296,8 @@ torch::Tensor argmax(torch::Tensor x) {
   return out;
 }
 
-// The kernels' addresses, for C++ callers in other extensions (kernels/cpu_decoder.py runs a decode
-// step's layers in one call): a direct call skips the Python round trip between kernels.
-std::unordered_map<std::string, int64_t> entry_points() {
-  return {
-      {"rms_norm", reinterpret_cast<int64_t>(&rms_norm)},
-      {"rotary_embedding_", reinterpret_cast<int64_t>(&rotary_embedding_)},
-      {"store_kv", reinterpret_cast<int64_t>(&store_kv)},
-  };
+std::unordered_map<std::string, int64_t> entry_points() {  // for kernels/cpu_decoder.py
+  return {ENTRY_POINT(rms_norm), ENTRY_POINT(rotary_embedding_), ENTRY_POINT(store_kv)};
 }
 """
 
