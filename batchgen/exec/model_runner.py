@@ -60,7 +60,9 @@ class ModelRunner:
         self.model_seconds = 0.0  # in the model's forward and LM head; the rest of a step is overhead
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+        """Python ints -> a 1-D tensor on the device; int64 through `_int64`."""
+        t = self._int64(data) if dtype == torch.long else torch.tensor(data, dtype=dtype)
+        return t.to(self.device, non_blocking=True)
 
     @staticmethod
     def _int64(values) -> torch.Tensor:
@@ -74,7 +76,7 @@ class ModelRunner:
         bs = self.block_size
         lens = [r.num_tokens for r in rows]
         starts = [r.start_pos for r in rows]
-        input_ids = self._int64(itertools.chain.from_iterable(r.token_ids for r in rows)).to(self.device)  # [tokens]
+        input_ids = self._tensor(itertools.chain.from_iterable(r.token_ids for r in rows))  # [tokens]
         # Per token, as Python ints: its position, and its cache slot through its row's block table.
         positions = self._int64(p for s, n in zip(starts, lens) for p in range(s, s + n))  # [tokens]
         slot_mapping = self._int64(r.block_ids[p // bs] * bs + p % bs
@@ -84,12 +86,9 @@ class ModelRunner:
 
         # Block table of every row, padded with block 0 (masked out wherever it is read).
         max_blocks = max(cdiv(s + n, bs) for s, n in zip(starts, lens))
-        flat = array.array("q")
-        for r in rows:
-            ids = r.block_ids[:max_blocks]
-            flat.extend(ids)
-            flat.extend(itertools.repeat(0, max_blocks - len(ids)))
-        tables = torch.frombuffer(flat, dtype=torch.long).view(len(rows), max_blocks)  # [rows, max_blocks]
+        tables = self._int64(itertools.chain.from_iterable(
+            itertools.chain(r.block_ids[:max_blocks], itertools.repeat(0, max_blocks - len(r.block_ids[:max_blocks])))
+            for r in rows)).view(len(rows), max_blocks)  # [rows, max_blocks]
 
         num_single = sum(1 for n in lens if n == 1)  # first in the batch, shortest context first
         meta = AttentionMetadata(slot_mapping=slot_mapping.to(self.device), num_single=num_single,
